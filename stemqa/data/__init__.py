@@ -1,0 +1,1 @@
+"""Data: the one MCQ record, its loaders, the harness prompt, and preference pairs."""

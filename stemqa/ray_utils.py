@@ -1,0 +1,79 @@
+"""Connecting to Ray the same way everywhere (CLI, jobs, tests), quietly and with settings for small machines.
+
+`init_ray(address)`:
+- address None: the cluster started by `cluster/local.sh` when one runs (RAY_ADDRESS or its address file),
+  else a private local Ray instance sized to this machine.
+- "auto" / "ray://..." / "host:port": that cluster.
+Inside a `ray job submit` job, RAY_ADDRESS is set by Ray and used.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+# Measured on 2-CPU machines (shared/notes/ray-on-small-machines.md): Ray Train polls worker reports every 2 s
+# unless this is lowered, which dominated short runs; the preemption watcher logs a spurious error line.
+WORKER_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONWARNINGS": "ignore",
+}
+
+LOCAL_CLUSTER_ADDRESS_FILE = Path(os.environ.get("STEMQA_CLUSTER_DIR", "/tmp/stemqa-cluster")) / "address"
+
+
+def local_cluster_address() -> Optional[str]:
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    if LOCAL_CLUSTER_ADDRESS_FILE.exists():
+        return LOCAL_CLUSTER_ADDRESS_FILE.read_text().strip() or None
+    return None
+
+
+def quiet_ray_logs() -> None:
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "ray._private"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.execution_options.preserve_order = True
+        ctx.print_on_execution_start = False
+    except Exception:  # older/newer Ray without one of these knobs: logs only
+        pass
+
+
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quiet: bool = True,
+             working_dir: Optional[str] = None):
+    """Connect to (or start) Ray with stemqa's worker environment; returns the address used."""
+    import ray
+
+    os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    address = address or local_cluster_address() or "local"
+    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    if working_dir:
+        runtime_env["working_dir"] = working_dir
+    kwargs = dict(runtime_env=runtime_env, log_to_driver=not quiet, configure_logging=True,
+                  logging_level=logging.WARNING if quiet else logging.INFO)
+    if address == "local":  # a private instance; the dashboard stays on (see ray-on-small-machines notes)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                 dashboard_host="127.0.0.1", **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+    if quiet:
+        quiet_ray_logs()
+    return ray.get_runtime_context().gcs_address
+
+
+def cpus_available() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))

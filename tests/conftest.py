@@ -1,0 +1,67 @@
+"""Shared fixtures: a private local Ray instance, the real two-node local cluster, models and data."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("STEMQA_DATA_ROOT", ROOT.parent / "shared" / "data"))
+ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots and other outputs tests keep (git-ignored)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "mcq").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set STEMQA_DATA_ROOT)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """Path of the tiny random Qwen3 (built once and cached)."""
+    from stemqa.models import resolve_model
+
+    return str(resolve_model("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    from stemqa.models import resolve_model
+
+    return str(resolve_model("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private local Ray instance (2 CPUs) for the whole session; start-up costs 5-10 s."""
+    import ray
+
+    from stemqa.ray_utils import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray("local", num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory):
+    """The real two-node cluster from cluster/local.sh (head + worker node), on ports of its own."""
+    env = dict(os.environ, STEMQA_CLUSTER_DIR=str(tmp_path_factory.mktemp("cluster")),
+               STEMQA_RAY_PORT=os.environ.get("STEMQA_TEST_RAY_PORT", "6410"),
+               STEMQA_DASHBOARD_PORT=os.environ.get("STEMQA_TEST_DASHBOARD_PORT", "8276"),
+               RAY=str(Path(sys.executable).parent / "ray"))
+    out = subprocess.run(["bash", str(ROOT / "cluster" / "local.sh"), "start"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    address = out.stdout.strip().splitlines()[-1]
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{env['STEMQA_DASHBOARD_PORT']}", "env": env}
+    subprocess.run(["bash", str(ROOT / "cluster" / "local.sh"), "stop"], env=env, capture_output=True, timeout=120)
