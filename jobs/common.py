@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from stemqa.config import ConfigError, StemqaConfig, load_config
+from stemqa.config import StemqaConfig, load_config
 from stemqa.runs import Run
 
 
@@ -28,10 +28,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def config_from(args) -> StemqaConfig:
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    cfg = load_config(args.config, args.overrides)  # ConfigError -> one clear line via run_main
     if args.address:
         cfg.cluster.address = args.address
     if args.verbose:
@@ -65,6 +62,7 @@ def fail(msg: str, code: int = 2) -> None:
 
 def run_main(main, argv: Optional[list[str]] = None) -> None:
     """Run a job's main with user errors (bad config, bad data, missing model) as one clear line."""
+    from stemqa.config import ConfigError
     from stemqa.data.mcq import MCQFormatError
     from stemqa.models import ModelLoadError
 

@@ -80,6 +80,12 @@ class FilterConfig(Section):
     targets: list[FilterTarget] = Field(default_factory=list, description="One or two target sets; scores are averaged.")
     threshold: Optional[float] = Field(0.3, description="Keep samples whose mean score is at least this.")
     top_n: Optional[int] = Field(None, ge=1, description="Instead of a threshold, keep the N best-scoring samples.")
+    index: Literal["flat", "hnsw"] = Field(
+        "flat", description="FAISS index over each target set: flat = exact max cosine; hnsw = approximate, for "
+        "targets of hundreds of thousands of samples."
+    )
+    hnsw_m: int = Field(32, ge=4, description="HNSW graph degree (index: hnsw).")
+    hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth; higher = closer to exact (index: hnsw).")
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
 
 
@@ -98,6 +104,9 @@ class TrainResources(Section):
     offload_optimizer: bool = Field(False, description="DeepSpeed optimizer state offload to CPU.")
     offload_params: bool = Field(False, description="DeepSpeed parameter offload to CPU (ZeRO-3 only).")
     bf16: Literal["auto", True, False] = Field("auto", description="bf16 training; 'auto' = on GPU only.")
+    max_failures: int = Field(
+        1, ge=0, description="Worker failures Ray Train recovers from (resuming from the last recorded checkpoint)."
+    )
 
 
 class SFTConfig(Section):
@@ -113,7 +122,7 @@ class SFTConfig(Section):
     packing: bool = Field(False, description="Pack samples into sequences, without cross-sample attention.")
     checkpoint_every: int = Field(50, ge=1, description="Report a checkpoint every N optimizer steps.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the data held out for the eval loss.")
-    seed: int = Field(0)
+    seed: int = Field(0, description="Seed for data order and initialisation.")
     resources: TrainResources = Field(default_factory=TrainResources)
 
 
@@ -122,11 +131,11 @@ class DPOConfig(Section):
     loss: Literal["sigmoid", "robust", "ipo"] = Field("sigmoid", description="DPO loss, as defined in TRL.")
     beta: float = Field(0.1, gt=0, description="DPO beta.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Label smoothing epsilon (robust / sigmoid).")
-    lr: float = Field(1e-6, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: Optional[int] = Field(None, ge=1)
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: int = Field(2, ge=1, description="Pairs per worker per micro-batch.")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_len: int = Field(1024, ge=16, description="Pairs with prompt+completion above this many tokens are dropped.")
     split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="Train/val/test shares of the pairs.")
     split_sizes: Optional[tuple[int, int, int]] = Field(
@@ -135,9 +144,9 @@ class DPOConfig(Section):
     stem_filter: bool = Field(True, description="Keep only pairs that match the STEM keyword filter.")
     eval_every: int = Field(20, ge=1, description="Validate every N optimizer steps.")
     patience: int = Field(3, ge=1, description="Early stop after this many evals without a better val reward accuracy.")
-    checkpoint_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(50, ge=1, description="Report a checkpoint every N optimizer steps.")
     reference: Optional[str] = Field(None, description="Reference model; default: the model DPO starts from.")
-    seed: int = Field(0)
+    seed: int = Field(0, description="Seed for data order.")
     resources: TrainResources = Field(default_factory=TrainResources)
 
 
@@ -152,22 +161,37 @@ class QuantConfig(Section):
     calibration_samples: int = Field(20, ge=1, description="Calibration samples drawn from the SFT data.")
     smoothing_alpha: float = Field(0.8, ge=0, le=1, description="SmoothQuant migration strength.")
     keep_lm_head: bool = Field(True, description="Keep lm_head in full precision.")
+    max_seq_len: int = Field(512, ge=16, description="Calibration prompts are truncated to this many tokens.")
+    seed: int = Field(0, description="Seed for drawing the calibration samples.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs the quantization Ray task holds (and torch threads it uses).")
 
 
 class CorpusSource(Section):
     kind: Literal["openstax", "qasc_facts", "arc_para", "mcq_text", "jsonl"] = Field(description="What the file holds.")
     path: str = Field(description="Path, relative to data.root unless absolute.")
     limit: Optional[int] = Field(None, ge=1, description="At most this many documents from the source.")
+    name: Optional[str] = Field(None, description="`source` label of its chunks; default: the kind and file stem.")
+    format: Literal["mmlu_csv", "hf_jsonl", "arc_jsonl", "aqua_jsonl", "records_jsonl"] = Field(
+        "records_jsonl", description="MCQ layout of the file (kind: mcq_text only); the text is question + answer."
+    )
 
 
 class RagConfig(Section):
     enabled: bool = Field(True, description="Build the index in the pipeline and retrieve in serving.")
-    corpus: list[CorpusSource] = Field(default_factory=list)
+    corpus: list[CorpusSource] = Field(default_factory=list, description="Sources the RAG corpus is built from.")
     chunk_tokens: int = Field(128, ge=8, description="Chunk length in embedder tokens.")
     chunk_overlap: int = Field(16, ge=0, description="Tokens shared by consecutive chunks.")
     max_chunks: int = Field(100_000, ge=1, description="Cap on chunks (seed: 100k).")
     max_tokens: int = Field(51_200_000, ge=1, description="Cap on corpus tokens (seed: 51.2M).")
+    near_dup_threshold: Optional[float] = Field(
+        0.95, gt=0, le=1, description="Drop a chunk whose cosine similarity to an earlier kept chunk is at least "
+        "this (near-duplicates); null = exact duplicates only."
+    )
     index: Literal["flat", "ivf", "hnsw"] = Field("flat", description="FAISS index type; flat is exact.")
+    ivf_nlist: Optional[int] = Field(None, ge=1, description="IVF cells; null = about 4*sqrt(chunks) (index: ivf).")
+    ivf_nprobe: int = Field(16, ge=1, description="IVF cells searched per query (index: ivf).")
+    hnsw_m: int = Field(32, ge=4, description="HNSW graph degree (index: hnsw).")
+    hnsw_ef_search: int = Field(64, ge=1, description="HNSW search breadth (index: hnsw).")
     metric: Literal["cosine", "l2"] = Field("cosine", description="Similarity: cosine (inner product on normalised vectors) or l2.")
     top_k: int = Field(3, ge=1, le=50, description="Passages retrieved per question.")
     token_budget: int = Field(384, ge=16, description="Max model tokens of passages put before the question.")
@@ -180,10 +204,10 @@ class EvalSet(Section):
 
 
 class EvalConfig(Section):
-    enabled: bool = Field(True)
+    enabled: bool = Field(True, description="Run this stage in the pipeline.")
     sets: list[EvalSet] = Field(default_factory=list, description="Evaluation sets.")
     scoring: Literal["letter", "cloze"] = Field("letter", description="letter: log-likelihood of ' A'..; cloze: of each answer text (acc_norm).")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Questions per forward pass.")
     num_fewshot: int = Field(0, ge=0, description="k-shot examples from the dev split (MMLU dev).")
     fewshot_source: Optional[McqSource] = Field(None, description="Where k-shot examples come from.")
     subject_header: bool = Field(True, description="Start prompts with 'The following are multiple choice questions (with answers) about <subject>.'")
@@ -194,21 +218,31 @@ class EvalConfig(Section):
 
 
 class AutoscalingConfig(Section):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(8.0, gt=0)
+    min_replicas: int = Field(1, ge=0, description="Fewest scorer replicas the autoscaler keeps.")
+    max_replicas: int = Field(2, ge=1, description="Most scorer replicas the autoscaler starts.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+    upscale_delay_s: float = Field(2.0, ge=0, description="Load must stay above target this long before a replica is added.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Load must stay below target this long before a replica is removed.")
 
 
 class ServeConfig(Section):
-    enabled: bool = Field(True)
+    enabled: bool = Field(True, description="Deploy the Serve app at the end of the pipeline.")
     host: str = Field("127.0.0.1", description="Bind address; 127.0.0.1 unless told otherwise.")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
     api_key_env: str = Field("STEMQA_API_KEY", description="Env var holding the API key; when set, requests need it.")
     max_batch_size: int = Field(16, ge=1, description="@serve.batch max batch size.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_choices: int = Field(26, ge=2, le=26)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: longest wait for a batch to fill.")
+    max_choices: int = Field(26, ge=2, le=26, description="Most options a /v1/mcqa question may have.")
     max_text_chars: int = Field(4000, ge=1, description="Longest question or option accepted.")
-    cpus_per_replica: float = Field(0.5, gt=0)
+    cpus_per_replica: float = Field(0.5, gt=0, description="CPUs each scorer replica reserves (torch threads follow it).")
+    retriever_cpus: float = Field(0.25, gt=0, description="CPUs the retriever replica reserves (embedder + FAISS).")
+    ingress_cpus: float = Field(0.1, gt=0, description="CPUs the FastAPI ingress replica reserves (it only awaits).")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a scorer replica holds at once; >= max_batch_size so batches fill.")
+    health_check_period_s: float = Field(5.0, gt=0, description="Seconds between Serve health checks of a replica.")
+    health_check_timeout_s: float = Field(15.0, gt=0, description="A replica not answering a health check in this time is replaced.")
+    max_new_tokens: int = Field(256, ge=1, description="Cap on max_tokens for /v1/completions and /v1/chat/completions.")
+    model_dir: Optional[str] = Field(None, description="Model to serve when no --model / run directory is given.")
+    index_dir: Optional[str] = Field(None, description="RAG index to serve when no --index / run directory is given.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
 
 

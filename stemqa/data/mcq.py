@@ -116,6 +116,14 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
                 yield lineno, e
 
 
+def _choice_list(value, name: str) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"field '{name}' must be a list")
+    if len(value) < 2:
+        raise ValueError(f"field '{name}' needs at least 2 choices, got {len(value)}")
+    return value
+
+
 def _parse_mmlu_csv(path: Path, source: str, subject: str) -> Iterator[tuple[int, Callable[[], MCQ]]]:
     with open(path, encoding="utf-8", newline="") as f:
         for lineno, row in enumerate(csv.reader(f), 1):
@@ -139,9 +147,7 @@ def _parse_hf(path: Path, source: str, subject: str):
         def make(obj=obj, lineno=lineno):
             if isinstance(obj, Exception):
                 raise ValueError(f"not valid JSON: {obj}")
-            choices = _need(obj, "choices")
-            if not isinstance(choices, list):
-                raise ValueError("field 'choices' must be a list")
+            choices = _choice_list(_need(obj, "choices"), "choices")
             return MCQ(str(obj.get("id", f"{source}/{lineno}")), obj.get("subject", subject), _need(obj, "question"),
                        choices, letter_to_index(_need(obj, "answer"), len(choices)), source)
         yield lineno, make
@@ -153,15 +159,14 @@ def _parse_arc(path: Path, source: str, subject: str):
             if isinstance(obj, Exception):
                 raise ValueError(f"not valid JSON: {obj}")
             q = _need(obj, "question")
-            raw = _need(q, "choices", "question.")
-            if not isinstance(raw, list):
-                raise ValueError("field 'question.choices' must be a list")
+            stem = _need(q, "stem", "question.")
+            raw = _choice_list(_need(q, "choices", "question."), "question.choices")
             labels = [str(_need(c, "label", "question.choices[].")) for c in raw]
             texts = [_need(c, "text", "question.choices[].") for c in raw]
             key = str(_need(obj, "answerKey"))
             if key not in labels:
                 raise ValueError(f"answerKey {key!r} has no option (labels {','.join(labels)})")
-            return MCQ(str(obj.get("id", f"{source}/{lineno}")), subject, _need(q, "stem", "question."), texts,
+            return MCQ(str(obj.get("id", f"{source}/{lineno}")), subject, stem, texts,
                        labels.index(key), source)
         yield lineno, make
 
@@ -171,7 +176,7 @@ def _parse_aqua(path: Path, source: str, subject: str):
         def make(obj=obj, lineno=lineno):
             if isinstance(obj, Exception):
                 raise ValueError(f"not valid JSON: {obj}")
-            options = _need(obj, "options")
+            options = _choice_list(_need(obj, "options"), "options")
             choices = []
             for i, opt in enumerate(options):
                 if not isinstance(opt, str) or len(opt) < 2 or opt[1] != ")" or opt[0] != LETTERS[i]:

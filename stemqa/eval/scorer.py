@@ -1,0 +1,160 @@
+"""The one MCQ scorer: serves `stemqa eval` and the served `/v1/mcqa` alike.
+
+Letter scoring compares log p(" A" | prompt), log p(" B" | prompt), ... after the harness prompt's `Answer:`,
+tokenised exactly as lm-eval-harness does (`_encode_pair`: context + continuation encoded whole and split; the
+tokenizer's own special-token default), so predictions agree with lm-eval's `multiple_choice` tasks.
+
+Why not call lm-eval itself: it scores each (context, letter) as a separate request and materialises
+full-vocabulary logits for every position. Here one forward pass per question returns logits for the last
+position only (`logits_to_keep`), batches are length-sorted and left-padded, and the letters are read off
+that one row. Cloze scoring (each answer text as the continuation, acc_norm by character length) keeps the
+logits of the last `max continuation + 1` positions only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from stemqa.data.mcq import LETTERS, MCQ
+from stemqa.data.prompt import harness_prompt
+
+
+@dataclass
+class Prediction:
+    id: str
+    subject: str
+    gold: str
+    pred: str
+    loglikelihoods: list[float]
+    probabilities: list[float]  # softmax over the options' log-likelihoods
+
+    def to_dict(self) -> dict:
+        return dict(id=self.id, subject=self.subject, gold=self.gold, pred=self.pred,
+                    loglikelihoods=self.loglikelihoods, probabilities=self.probabilities)
+
+
+def _softmax(xs: Sequence[float]) -> list[float]:
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+class MCQScorer:
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: Optional[int] = None):
+        self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+        cfg_len = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_length = max_length or min(cfg_len, 4096)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.device = next(model.parameters()).device
+
+    # --- tokenisation, as lm-eval's _encode_pair ---------------------------------------------------------
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+        whole = self.tok(context + continuation)["input_ids"]
+        ctx = self.tok(context)["input_ids"]
+        return ctx, whole[len(ctx):]
+
+    # --- the forward pass ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _last_logprobs(self, seqs: list[list[int]], keep: int) -> list[torch.Tensor]:
+        """Log-softmax of the last `keep` positions of each sequence ([keep, vocab] each), batched."""
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):  # left padding: every sequence ends at the last column
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=pos.to(self.device), logits_to_keep=keep, use_cache=False)
+        return list(torch.log_softmax(out.logits.float(), dim=-1).cpu())
+
+    def _truncate(self, ctx: list[int], cont: list[int]) -> list[int]:
+        # as lm-eval: keep the last max_length tokens of context+continuation (minus the final token)
+        return (ctx + cont)[-(self.max_length + 1):][:-1]
+
+    def loglikelihoods(self, requests: list[tuple[str, str]]) -> list[float]:
+        """Sum of log p(continuation | context) for each (context, continuation), lm-eval style."""
+        enc = [self.encode_pair(c, x) for c, x in requests]
+        order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]) - len(enc[i][1]))
+        results = [0.0] * len(enc)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            seqs = [self._truncate(*enc[i]) for i in idx]
+            keep = max(len(enc[i][1]) for i in idx)
+            rows = self._last_logprobs(seqs, keep)
+            for i, row in zip(idx, rows):
+                cont = enc[i][1]
+                lp = row[keep - len(cont):]
+                results[i] = float(lp[torch.arange(len(cont)), torch.tensor(cont)].sum())
+        return results
+
+    def letter_loglikelihoods(self, prompts: list[str], n_choices: list[int]) -> list[list[float]]:
+        """Per prompt, log p(' A'), log p(' B'), ...; one forward pass per prompt when letters are one token."""
+        results: list[Optional[list[float]]] = [None] * len(prompts)
+        single, multi = [], []
+        for i, (p, n) in enumerate(zip(prompts, n_choices)):
+            pairs = [self.encode_pair(p, f" {LETTERS[j]}") for j in range(n)]
+            ctx = pairs[0][0]
+            if all(len(c) == 1 and x == ctx for x, c in pairs):
+                single.append((i, ctx, [c[0] for _, c in pairs]))
+            else:  # a tokenizer that splits ' A' or merges it into the context: score each letter separately
+                multi.append(i)
+        single.sort(key=lambda t: -len(t[1]))
+        for start in range(0, len(single), self.batch_size):
+            chunk = single[start:start + self.batch_size]
+            rows = self._last_logprobs([self._truncate(ctx, [0]) for _, ctx, _ in chunk], keep=1)
+            for (i, _, letter_ids), row in zip(chunk, rows):
+                results[i] = [float(row[0, t]) for t in letter_ids]
+        for i in multi:
+            results[i] = self.loglikelihoods([(prompts[i], f" {LETTERS[j]}") for j in range(n_choices[i])])
+        return results  # type: ignore[return-value]
+
+    # --- MCQs -------------------------------------------------------------------------------------------
+    def score(self, records: Sequence[MCQ], scoring: str = "letter", fewshot: Sequence[MCQ] = (),
+              header: bool = True, passages: Optional[Sequence[Sequence[str]]] = None) -> list[Prediction]:
+        """Predict every record; `passages[i]` (retrieved texts) go before question i when given."""
+        prompts = [harness_prompt(q, fewshot=fewshot, header=header, passages=passages[i] if passages else None)
+                   for i, q in enumerate(records)]
+        if scoring == "letter":
+            lls = self.letter_loglikelihoods(prompts, [len(q.choices) for q in records])
+            decide = lls
+        elif scoring == "cloze":
+            flat = [(self._cloze_context(p), f" {c}") for p, q in zip(prompts, records) for c in q.choices]
+            values = iter(self.loglikelihoods(flat))
+            lls = [[next(values) for _ in q.choices] for q in records]
+            # acc_norm: log-likelihood per character of the answer text, as lm-eval
+            decide = [[ll / max(len(c), 1) for ll, c in zip(row, q.choices)] for row, q in zip(lls, records)]
+        else:
+            raise ValueError(f"scoring must be 'letter' or 'cloze', got {scoring!r}")
+        preds = []
+        for q, ll, d in zip(records, lls, decide):
+            best = max(range(len(d)), key=d.__getitem__)
+            preds.append(Prediction(q.id, q.subject, q.answer_letter, LETTERS[best], [round(x, 6) for x in ll],
+                                    [round(p, 6) for p in _softmax(d if scoring == "letter" else ll)]))
+        return preds
+
+    @staticmethod
+    def _cloze_context(prompt: str) -> str:
+        # cloze: the answer text follows "Answer:" directly, without the lettered options
+        head, _, _ = prompt.rpartition("\nA. ")
+        return head + "\nAnswer:"
+
+
+def accuracy(preds: Sequence[Prediction]) -> dict:
+    """Overall and per-subject accuracy."""
+    by_subject: dict[str, list[bool]] = {}
+    for p in preds:
+        by_subject.setdefault(p.subject, []).append(p.pred == p.gold)
+    n = len(preds)
+    return {
+        "accuracy": sum(p.pred == p.gold for p in preds) / n if n else 0.0,
+        "n": n,
+        "per_subject": {s: {"accuracy": sum(v) / len(v), "n": len(v)} for s, v in sorted(by_subject.items())},
+    }

@@ -1,0 +1,271 @@
+"""What SFT and DPO share: Ray Train settings, the DeepSpeed engine, the deterministic sample order,
+resumable checkpoints, and saving a plain HF model whatever the ZeRO stage.
+
+Sample order is hand-written rather than Ray Data's streaming split on purpose: a resumed run must train on
+exactly the samples an uninterrupted run would, in the same order, and that needs the position to be a pure
+function of the optimizer step stored in the checkpoint (`Schedule.micro_batch`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from stemqa.config.schema import LoraConfig, TrainResources
+
+TRAINER_STATE = "trainer_state.json"
+DS_TAG = "ds"  # DeepSpeed checkpoint tag inside each Ray checkpoint directory
+
+
+# ---------------------------------------------------------------- driver side: Ray Train settings
+def scaling_config(res: TrainResources):
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                         resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})})
+
+
+def run_config(out_dir: Path, name: str, res: TrainResources, keep: int = 1, quiet: bool = True):
+    import ray.train
+
+    return ray.train.RunConfig(
+        storage_path=str(Path(out_dir).resolve() / "ray"), name=name,
+        failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
+        **({"logging_config": ray.train.LoggingConfig(log_level="WARNING")} if quiet else {}),
+    )
+
+
+def lora_peft_config(lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+
+def fit(trainer) -> dict:
+    """Run a TorchTrainer; its last reported metrics (rank 0's), or the worker's error as one exception."""
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return dict(result.metrics or {})
+
+
+# ---------------------------------------------------------------- worker side
+def worker_setup(res: TrainResources) -> None:
+    """Threads to match the CPUs this worker holds (fractional CPUs would otherwise be oversubscribed)."""
+    import torch
+
+    if not res.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator: gloo, shm comm op
+    torch.set_num_threads(max(1, int(res.cpus_per_worker)))
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def load_train_model(base_path: str, lora: Optional[LoraConfig], bf16: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 use_safetensors=True)
+    model.config.use_cache = False
+    if lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_peft_config(lora))
+    return model
+
+
+def use_bf16(res: TrainResources) -> bool:
+    return res.bf16 is True or (res.bf16 == "auto" and res.use_gpu)
+
+
+def linear_schedule(total_steps: int, warmup_steps: int):
+    """HF's linear warm-up then linear decay to 0 (DeepSpeed's WarmupDecayLR gives lr 0 at step 0)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+def make_engine(model, res: TrainResources, lr: float, micro_batch: int, grad_accum: int, total_steps: int,
+                warmup_steps: int = 0):
+    """A DeepSpeed engine with ZeRO `res.zero_stage`, grad accumulation and a linear LR schedule."""
+    import deepspeed
+    import ray.train
+    import torch
+
+    world = ray.train.get_context().get_world_size()
+    zero: dict = {"stage": res.zero_stage}
+    if res.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if res.offload_params:
+        if res.zero_stage != 3:
+            raise ValueError("resources.offload_params needs zero_stage 3")
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(res)},
+        "gradient_clipping": 1.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    if res.use_gpu or res.offload_optimizer:
+        # DeepSpeed's own AdamW (fused on GPU, DeepSpeedCPUAdam when offloaded; both compile an op once).
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0}}
+        optimizer = None
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # A callable scheduler: DeepSpeed builds it on the optimizer it wraps, and saves it in its checkpoints.
+    sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total_steps, warmup_steps))  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                           lr_scheduler=sched, config=config)
+    return engine
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which samples each rank trains on at each micro-step: a seeded permutation per epoch, split by rank.
+
+    The global micro-step k (= optimizer step * grad_accum + micro index) fixes the samples, so a run resumed
+    from step s replays exactly what an uninterrupted run would; an incomplete last global batch is dropped.
+    """
+
+    n: int
+    batch_size: int
+    world: int
+    grad_accum: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
+
+    @property
+    def micro_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def total_steps(self, epochs: float, max_steps: Optional[int]) -> int:
+        """max_steps, when set, overrides epochs (as in HF's Trainer)."""
+        if self.micro_per_epoch == 0:
+            raise ValueError(f"{self.n} training samples are fewer than one global batch "
+                             f"({self.batch_size} per worker x {self.world} workers)")
+        if max_steps:
+            return max_steps
+        return max(1, math.floor(epochs * self.micro_per_epoch / self.grad_accum))
+
+    def micro_batch(self, k: int, rank: int) -> list[int]:
+        epoch, j = divmod(k, self.micro_per_epoch)
+        start = j * self.global_batch + rank * self.batch_size
+        return _permutation(self.n, self.seed, epoch)[start:start + self.batch_size].tolist()
+
+
+@lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def eval_shard(n: int, rank: int, world: int) -> list[int]:
+    return list(range(rank, n, world))
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def rank() -> int:
+    import ray.train
+
+    return ray.train.get_context().get_world_rank()
+
+
+# ---------------------------------------------------------------- checkpoints
+def report_checkpoint(engine, state: dict, metrics: dict) -> None:
+    """Every rank saves its DeepSpeed shards (+ RNG) into one Ray checkpoint with the trainer state."""
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="stemqa-ckpt-") as d:
+        engine.save_checkpoint(d, tag=DS_TAG)
+        r = rank()
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, Path(d) / f"rng_rank{r}.pt")
+        if r == 0:
+            (Path(d) / TRAINER_STATE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def restore_checkpoint(engine) -> Optional[dict]:
+    """Load the last recorded checkpoint into the engine (model, optimizer, scheduler, RNG); its trainer state."""
+    import ray.train
+    import torch
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        engine.load_checkpoint(d, tag=DS_TAG)
+        rng = Path(d) / f"rng_rank{rank()}.pt"
+        if rng.exists():
+            saved = torch.load(rng, weights_only=False)
+            torch.set_rng_state(saved["torch"])
+            np.random.set_state(saved["numpy"])
+        return json.loads((Path(d) / TRAINER_STATE).read_text())
+
+
+# ---------------------------------------------------------------- the final model
+def full_state_dict(engine, zero_stage: int) -> Optional[dict]:
+    """The whole model's weights on rank 0 (None elsewhere); ZeRO-3 shards are gathered (a collective)."""
+    module = engine.module
+    is_zero = rank() == 0
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if is_zero else None
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if is_zero else None
+
+
+def save_hf_model(state: dict, base_path: str, lora: Optional[LoraConfig], out_dir: Path) -> Path:
+    """Write `state` as a plain HF directory (safetensors, LoRA merged) + tokenizer, replacing `out_dir` atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True)
+    if lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_peft_config(lora))
+    model.load_state_dict(state, strict=True)
+    if lora is not None:
+        model = model.merge_and_unload()
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.use_cache = True
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,183 @@
+"""Supervised fine-tuning on harness-format MCQs: Ray Train `TorchTrainer` + DeepSpeed ZeRO, full or LoRA.
+
+Each MCQ becomes `harness_prompt(q)` + ` <letter>` + eos; the loss is on the completion tokens only (the
+prompt's labels are -100). The driver tokenizes once and puts the samples in the object store; every worker
+takes its micro-batches from `common.Schedule`, so the order survives a resume. The result is a plain HF
+directory at `out_dir/model` that `stemqa.models.load_causal_lm` loads.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+from stemqa.config.schema import SFTConfig, StemqaConfig
+from stemqa.data.mcq import MCQ, read_records
+from stemqa.data.prompt import harness_prompt, target
+from stemqa.train import common
+
+IGNORE = -100
+
+
+def encode_mcq(tok, q: MCQ, max_seq_len: int) -> dict:
+    """Token ids of prompt + completion and the prompt length; the prompt is cut from the left when too long,
+    so the answer is always kept."""
+    prompt = tok(harness_prompt(q), add_special_tokens=True)["input_ids"]
+    completion = tok(target(q), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    keep = max_seq_len - len(completion)
+    if keep < 1:
+        raise ValueError(f"sft.max_seq_len {max_seq_len} leaves no room for the prompt of {q.id}")
+    prompt = prompt[-keep:]
+    return {"id": q.id, "input_ids": prompt + completion, "prompt_len": len(prompt)}
+
+
+def collate(samples: list[dict], pad_id: int) -> dict:
+    """Right-padded batch; labels are -100 on the prompt and the padding."""
+    import torch
+
+    width = max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[i, :n] = torch.tensor(s["input_ids"])
+        mask[i, :n] = 1
+        labels[i, s["prompt_len"]:n] = ids[i, s["prompt_len"]:n]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def split_eval(samples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic hold-out: a seeded share of the samples for the eval loss."""
+    import numpy as np
+
+    n_eval = int(round(len(samples) * fraction))
+    order = np.random.default_rng(seed).permutation(len(samples))
+    held = set(order[:n_eval].tolist())
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+def _eval_loss(engine, samples: list[dict], batch_size: int, pad_id: int) -> float:
+    """Mean completion-token loss over `samples`, sharded across ranks and summed (token-weighted)."""
+    import torch
+
+    r, world = common.rank(), _world()
+    mine = [samples[i] for i in common.eval_shard(len(samples), r, world)]
+    loss_sum = n_tok = 0.0
+    engine.eval()
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            batch = collate(mine[i:i + batch_size], pad_id)
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+            out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
+            loss_sum += float(out.loss) * n
+            n_tok += n
+    engine.train()
+    loss_sum, n_tok = common.all_reduce_sum([loss_sum, n_tok])
+    return loss_sum / max(n_tok, 1.0)
+
+
+def _world() -> int:
+    import ray.train
+
+    return ray.train.get_context().get_world_size()
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker: build the engine, resume if a checkpoint exists, train, save the HF model."""
+    import ray
+    import torch
+
+    sft: SFTConfig = SFTConfig.model_validate(config["sft"])
+    res = sft.resources
+    common.worker_setup(res)
+    train, held = ray.get(config["data_ref"])
+    pad_id = config["pad_id"]
+    r, world = common.rank(), _world()
+    schedule = common.Schedule(len(train), sft.batch_size, world, sft.grad_accum, sft.seed)
+    total = schedule.total_steps(sft.epochs, sft.max_steps)
+    torch.manual_seed(sft.seed + r)
+
+    model = common.load_train_model(config["base_path"], sft.lora, common.use_bf16(res))
+    engine = common.make_engine(model, res, sft.lr, sft.batch_size, sft.grad_accum, total,
+                                int(sft.warmup_ratio * total))
+    state = common.restore_checkpoint(engine) or {"step": 0, "losses": [], "tokens": 0, "train_s": 0.0,
+                                                  "eval_loss_before": None, "sample_ids": []}
+    if state["eval_loss_before"] is None and held:
+        state["eval_loss_before"] = _eval_loss(engine, held, sft.batch_size, pad_id)
+    engine.train()
+    while state["step"] < total:
+        t0 = time.perf_counter()
+        loss_sum = n_tok = tokens = 0.0
+        step_ids = []
+        for micro in range(sft.grad_accum):
+            idx = schedule.micro_batch(state["step"] * sft.grad_accum + micro, r)
+            step_ids += [train[i]["id"] for i in idx]
+            batch = collate([train[i] for i in idx], pad_id)
+            out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
+            engine.backward(out.loss)
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+            loss_sum += float(out.loss.detach()) * n
+            n_tok += n
+            tokens += int(batch["attention_mask"].sum())
+        loss_sum, n_tok, tokens = common.all_reduce_sum([loss_sum, n_tok, tokens])
+        state["step"] += 1
+        state["losses"].append(loss_sum / max(n_tok, 1.0))
+        state["tokens"] += int(tokens)
+        state["train_s"] += time.perf_counter() - t0
+        if config.get("log_sample_ids"):
+            state["sample_ids"].append(step_ids)  # this rank's ids; rank 0's are kept in the checkpoint
+        metrics = {"step": state["step"], "train_loss": state["losses"][-1]}
+        if state["step"] % sft.checkpoint_every == 0 or state["step"] == total:
+            common.report_checkpoint(engine, state, metrics)
+
+    eval_loss = _eval_loss(engine, held, sft.batch_size, pad_id) if held else None
+    weights = common.full_state_dict(engine, res.zero_stage)
+    if r == 0:
+        common.save_hf_model(weights, config["base_path"], sft.lora, Path(config["model_dir"]))
+    ray.train.report({
+        "train_loss_first": state["losses"][0], "train_loss_last": state["losses"][-1],
+        "eval_loss_before": state["eval_loss_before"], "eval_loss": eval_loss, "steps": state["step"],
+        "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["train_s"], 1e-9),
+        "train_s": state["train_s"], "sample_ids": state["sample_ids"],
+    })
+
+
+def prepare_samples(cfg: StemqaConfig, train_path: Path, tok) -> tuple[list[dict], list[dict]]:
+    records = read_records(train_path)
+    if not records:
+        raise ValueError(f"{train_path}: no MCQ records to train on")
+    samples = [encode_mcq(tok, q, cfg.sft.max_seq_len) for q in records]
+    return split_eval(samples, cfg.sft.eval_fraction, cfg.sft.seed)
+
+
+def run_sft(cfg: StemqaConfig, train_path: Path, out_dir: Path, base_model: Optional[str] = None,
+            run_name: str = "sft", log_sample_ids: bool = False) -> dict:
+    """Fine-tune `base_model` (default cfg.model.name) on the MCQ records in `train_path`.
+
+    Ray must be initialised by the caller. Checkpoints go to out_dir/ray/<run_name> (re-running with the same
+    out_dir and run_name resumes); the model to out_dir/model. Returns {"model_dir", "metrics"}.
+    """
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    from stemqa.models.loader import load_tokenizer, resolve_model
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = base_model or cfg.model.name
+    base_path = str(resolve_model(base, cfg.model.revision))
+    tok = load_tokenizer(base_path)
+    train, held = prepare_samples(cfg, Path(train_path), tok)
+    config = {"sft": cfg.sft.model_dump(mode="json"), "data_ref": ray.put((train, held)), "pad_id": tok.pad_token_id,
+              "base_path": base_path, "model_dir": str(out_dir / "model"), "log_sample_ids": log_sample_ids}
+    trainer = TorchTrainer(train_loop, train_loop_config=config,
+                           scaling_config=common.scaling_config(cfg.sft.resources),
+                           run_config=common.run_config(out_dir, run_name, cfg.sft.resources,
+                                                        quiet=cfg.cluster.quiet))
+    metrics = common.fit(trainer)
+    metrics["wall_s"] = time.perf_counter() - t0
+    metrics["train_samples"], metrics["eval_samples"] = len(train), len(held)
+    return {"model_dir": str(out_dir / "model"), "metrics": metrics}
