@@ -16,6 +16,9 @@ COMMANDS = {
     "eval": ("jobs.eval", "MCQA accuracy by answer-letter log-likelihood (lm-eval compatible)"),
     "serve": ("jobs.serve", "start the Ray Serve app (RAG + model) and answer over HTTP"),
     "config": ("jobs.config", "show a preset or config file, or the documented schema"),
+    "submit": ("jobs.submit:main", "submit a stage or the pipeline to a Ray cluster (ray job submit), follow its logs"),
+    "jobs": ("jobs.submit:list_main", "list the Ray jobs on a cluster and their status"),
+    "stop": ("jobs.submit:stop_main", "stop a Ray job by id"),
 }
 
 
@@ -36,10 +39,11 @@ def main(argv=None) -> None:
     if cmd not in COMMANDS:
         print(f"stemqa: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(COMMANDS[cmd][0])
+    module_name, _, func = COMMANDS[cmd][0].partition(":")
+    module = importlib.import_module(module_name)
     from jobs.common import run_main
 
-    run_main(module.main, rest)
+    run_main(getattr(module, func or "main"), rest)
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ class QuantConfig(Section):
 class CorpusSource(Section):
     kind: Literal["openstax", "qasc_facts", "arc_para", "mcq_text", "jsonl"] = Field(description="What the file holds.")
     path: str = Field(description="Path, relative to data.root unless absolute.")
-    limit: Optional[int] = Field(None, ge=1, description="At most this many documents from the source.")
+    limit: Optional[int] = Field(None, ge=1, description="Read at most this many rows of the file (a QASC row gives two facts).")
     name: Optional[str] = Field(None, description="`source` label of its chunks; default: the kind and file stem.")
     format: Literal["mmlu_csv", "hf_jsonl", "arc_jsonl", "aqua_jsonl", "records_jsonl"] = Field(
         "records_jsonl", description="MCQ layout of the file (kind: mcq_text only); the text is question + answer."

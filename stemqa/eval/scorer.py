@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from stemqa.data.mcq import LETTERS, MCQ
-from stemqa.data.prompt import harness_prompt
+from stemqa.data.prompt import harness_prompt, passages_block, subject_header
 
 
 @dataclass
@@ -120,13 +120,15 @@ class MCQScorer:
     def score(self, records: Sequence[MCQ], scoring: str = "letter", fewshot: Sequence[MCQ] = (),
               header: bool = True, passages: Optional[Sequence[Sequence[str]]] = None) -> list[Prediction]:
         """Predict every record; `passages[i]` (retrieved texts) go before question i when given."""
-        prompts = [harness_prompt(q, fewshot=fewshot, header=header, passages=passages[i] if passages else None)
-                   for i, q in enumerate(records)]
         if scoring == "letter":
+            prompts = [harness_prompt(q, fewshot=fewshot, header=header, passages=passages[i] if passages else None)
+                       for i, q in enumerate(records)]
             lls = self.letter_loglikelihoods(prompts, [len(q.choices) for q in records])
             decide = lls
         elif scoring == "cloze":
-            flat = [(self._cloze_context(p), f" {c}") for p, q in zip(prompts, records) for c in q.choices]
+            prompts = [cloze_prompt(q, fewshot=fewshot, header=header, passages=passages[i] if passages else None)
+                       for i, q in enumerate(records)]
+            flat = [(p, f" {c}") for p, q in zip(prompts, records) for c in q.choices]
             values = iter(self.loglikelihoods(flat))
             lls = [[next(values) for _ in q.choices] for q in records]
             # acc_norm: log-likelihood per character of the answer text, as lm-eval
@@ -140,11 +142,16 @@ class MCQScorer:
                                     [round(p, 6) for p in _softmax(d if scoring == "letter" else ll)]))
         return preds
 
-    @staticmethod
-    def _cloze_context(prompt: str) -> str:
-        # cloze: the answer text follows "Answer:" directly, without the lettered options
-        head, _, _ = prompt.rpartition("\nA. ")
-        return head + "\nAnswer:"
+
+def cloze_prompt(q: MCQ, fewshot: Sequence[MCQ] = (), header: bool = True,
+                 passages: Optional[Sequence[str]] = None) -> str:
+    """Cloze context: the question without lettered options, then `Answer:`; the answer text follows it.
+    k-shot examples are rendered the same way, answered with their answer text (not a letter)."""
+    out = subject_header(q.subject) if header else ""
+    for ex in fewshot:
+        out += f"{ex.question.strip()}\nAnswer: {ex.choices[ex.answer]}\n\n"
+    out += passages_block(passages or [])
+    return out + f"{q.question.strip()}\nAnswer:"
 
 
 def accuracy(preds: Sequence[Prediction]) -> dict:

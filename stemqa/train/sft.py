@@ -128,15 +128,16 @@ def train_loop(config: dict) -> None:
         state["train_s"] += time.perf_counter() - t0
         if config.get("log_sample_ids"):
             state["sample_ids"].append(step_ids)  # this rank's ids; rank 0's are kept in the checkpoint
-        metrics = {"step": state["step"], "train_loss": state["losses"][-1]}
-        if state["step"] % sft.checkpoint_every == 0 or state["step"] == total:
-            common.report_checkpoint(engine, state, metrics)
+        if state["step"] % sft.checkpoint_every == 0 and state["step"] < total:
+            common.report_checkpoint(engine, state, {"step": state["step"], "train_loss": state["losses"][-1]})
 
     eval_loss = _eval_loss(engine, held, sft.batch_size, pad_id) if held else None
     weights = common.full_state_dict(engine, res.zero_stage)
     if r == 0:
         common.save_hf_model(weights, config["base_path"], sft.lora, Path(config["model_dir"]))
-    ray.train.report({
+    # The last checkpoint carries the final metrics: Train V2's Result.metrics are those of the latest
+    # checkpoint, and re-running a finished run resumes here instead of training again.
+    common.report_checkpoint(engine, state, {
         "train_loss_first": state["losses"][0], "train_loss_last": state["losses"][-1],
         "eval_loss_before": state["eval_loss_before"], "eval_loss": eval_loss, "steps": state["step"],
         "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["train_s"], 1e-9),

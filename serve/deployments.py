@@ -1,0 +1,132 @@
+"""The two model-holding Serve deployments: the scorer/generator (the LM) and the retriever (embedder + FAISS).
+
+Both batch concurrent calls with `@serve.batch`: the scorer runs one forward pass for up to
+`serve.max_batch_size` questions (MCQScorer length-sorts and left-pads them), the retriever embeds up to as
+many queries at once. The batch sizes are set from the config when a replica starts.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+
+from ray import serve
+
+from serve.schemas import ApiError
+
+
+@serve.deployment(name="Scorer")
+class Scorer:
+    def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float, threads: int,
+                 passage_token_budget: int, header: bool = True, dtype: str = "auto",
+                 trust_remote_code: bool = False):
+        import torch
+
+        from stemqa.eval.scorer import MCQScorer
+        from stemqa.models import load_causal_lm, load_tokenizer
+
+        # One thread per reserved CPU: more threads than CPUs on a shared machine ran 2-3x slower (notes).
+        torch.set_num_threads(max(1, threads))
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.scorer = MCQScorer(self.model, self.tok, batch_size=max_batch_size)
+        self.header, self.passage_token_budget = header, passage_token_budget
+        self._score_batch.set_max_batch_size(max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def info(self) -> dict:
+        return {"max_length": self.scorer.max_length, "vocab_size": len(self.tok)}
+
+    def check_health(self) -> None:
+        # Serve calls this every health_check_period_s; a replica whose model is gone is replaced.
+        if self.model is None:
+            raise RuntimeError("model not loaded")
+
+    def _fit_passages(self, passages: list[str]) -> list[str]:
+        """Keep passages, best first, while their tokens stay within rag.token_budget."""
+        kept, used = [], 0
+        for text in passages:
+            n = len(self.tok(text, add_special_tokens=False)["input_ids"])
+            if used + n > self.passage_token_budget:
+                break
+            kept.append(text)
+            used += n
+        return kept
+
+    async def mcqa(self, question: str, choices: list[str], subject: str, passages: list[str]) -> dict:
+        """Letter probabilities for one question; concurrent calls are scored in one batch."""
+        from stemqa.data.mcq import MCQ
+        from stemqa.data.prompt import harness_prompt
+
+        record = MCQ(id="request", subject=subject, question=question, choices=list(choices), answer=0, source="api")
+        passages = self._fit_passages(passages)
+        # Checked here, before batching, so one over-long request fails alone instead of its whole batch.
+        n_tokens = len(self.tok(harness_prompt(record, header=self.header, passages=passages))["input_ids"])
+        if n_tokens + 1 > self.scorer.max_length:
+            raise ApiError(413, "question", f"the prompt is {n_tokens} tokens, over the model's context of "
+                           f"{self.scorer.max_length}")
+        pred = await self._score_batch((record, passages))
+        return {"answer": pred.pred, "probabilities": pred.probabilities, "loglikelihoods": pred.loglikelihoods,
+                "passages_used": len(passages)}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _score_batch(self, items: list[tuple]) -> list:
+        records = [r for r, _ in items]
+        passages = [p for _, p in items]
+        # In a thread, so requests keep arriving (and queue for the next batch) while this one computes.
+        return await asyncio.to_thread(self.scorer.score, records, "letter", (), self.header, passages)
+
+
+@serve.deployment(name="Retriever")
+class Retriever:
+    def __init__(self, index_dir: str, max_batch_size: int, batch_wait_timeout_s: float, threads: int):
+        import torch
+
+        from stemqa.rag import Retriever as IndexRetriever
+
+        torch.set_num_threads(max(1, threads))
+        self.retriever = IndexRetriever.load(index_dir)
+        self._search_batch.set_max_batch_size(max_batch_size)
+        self._search_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def search(self, query: str, k: int) -> list[dict]:
+        return await self._search_batch((query, k))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _search_batch(self, items: list[tuple[str, int]]) -> list[list[dict]]:
+        k_max = max(k for _, k in items)
+        hits = await asyncio.to_thread(self.retriever.search, [q for q, _ in items], k_max)
+        return [[p.to_dict() for p in found[:k]] for (_, k), found in zip(items, hits)]
+
+
+def scorer_options(cfg) -> dict:
+    """Deployment options of the scorer from ServeConfig: autoscaling, CPUs, health checks, quiet logs."""
+    s = cfg.serve
+    a = s.autoscaling
+    return dict(
+        autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                            "initial_replicas": max(1, a.min_replicas),
+                            "target_ongoing_requests": a.target_ongoing_requests,
+                            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s},
+        max_ongoing_requests=max(s.max_ongoing_requests, s.max_batch_size),
+        ray_actor_options={"num_cpus": s.cpus_per_replica},
+        health_check_period_s=s.health_check_period_s, health_check_timeout_s=s.health_check_timeout_s,
+        logging_config=quiet_logging(),
+    )
+
+
+def quiet_logging() -> dict:
+    return {"enable_access_log": False, "log_level": "WARNING"}
+
+
+def threads_for(cpus: float) -> int:
+    return max(1, int(cpus))
+
+
+def retriever_options(cfg) -> dict:
+    s = cfg.serve
+    return dict(num_replicas=1, max_ongoing_requests=max(s.max_ongoing_requests, s.max_batch_size),
+                ray_actor_options={"num_cpus": s.retriever_cpus},
+                health_check_period_s=s.health_check_period_s, health_check_timeout_s=s.health_check_timeout_s,
+                logging_config=quiet_logging())
+
