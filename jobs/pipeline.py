@@ -10,7 +10,9 @@ run: stages already done are not run again.
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -137,15 +139,23 @@ def main(argv=None) -> int:
 
     # 7. evaluate the chosen models on every eval set (Ray tasks)
     def do_eval(rec):
+        import ray
+
         from stemqa.eval.run import evaluate_sets_remote
 
         candidates = {"base": cfg.model.name}
         for name in ("sft", "dpo", "quant"):
             if run.stage_status(name) == "done":
                 candidates[name] = str(run.artifact(name, "model"))
-        results = {}
-        for name in cfg.eval.models:
-            results[name] = evaluate_sets_remote(candidates[name], cfg, root, rec.dir / name)
+        retriever = None
+        if cfg.eval.use_rag:
+            from stemqa.rag import Retriever
+
+            retriever = functools.partial(Retriever.load, str(run.artifact("rag", "index")))
+        refs = {name: evaluate_sets_remote(candidates[name], cfg, root, rec.dir / name, retriever_factory=retriever)
+                for name in cfg.eval.models}
+        results = {name: ray.get(ref) for name, ref in refs.items()}
+        for name in results:
             rec.add_artifact(name, rec.dir / name)
         rec.add_metrics(**{f"{m}/{s}": r["accuracy"] for m, sets in results.items() for s, r in sets.items()})
         return "; ".join(f"{m}: " + ", ".join(f"{s} {r['accuracy']:.3f}" for s, r in sets.items())
@@ -159,7 +169,8 @@ def main(argv=None) -> int:
             from jobs.serve import ask, deploy
 
             url = deploy(cfg, str(run.artifact("quant", "model")), str(run.artifact("rag", "index")))
-            answer = ask(url, SAMPLE_QUESTION["question"], SAMPLE_QUESTION["choices"])
+            answer = ask(url, SAMPLE_QUESTION["question"], SAMPLE_QUESTION["choices"],
+                         api_key=os.environ.get(cfg.serve.api_key_env))
             (rec.dir / "answer.json").write_text(json.dumps(answer, indent=2))
             rec.add_artifact("answer", rec.dir / "answer.json")
             rec.add_metrics(url=url, answer=answer["answer"])

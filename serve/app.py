@@ -2,30 +2,42 @@
 
     POST /v1/mcqa   {question, choices[], use_rag=true, top_k, subject}
                     -> {answer, probabilities {A: p, ...}, passages [{text, source, score}], model, latency_ms}
-    GET  /healthz   200 when the scorer answers, 503 otherwise (no API key needed)
-    GET  /v1/models OpenAI-style model list
+    POST /v1/completions       OpenAI-compatible (prompt as text or token ids, max_tokens, temperature, top_p,
+                               stop, logprobs, echo): enough for lm-eval-harness's `local-completions` model
+    POST /v1/chat/completions  OpenAI-compatible, `stream: true` sends server-sent events
+    GET  /v1/models            OpenAI-style model list
+    GET  /healthz              200 when the scorer answers, 503 otherwise (no API key needed)
+    GET  /                     the web page for students (static/index.html, no CDN)
 
 `build_app(cfg, model_dir, index_dir)` returns the Serve application; `app_builder(args)` is the same for
 `serve run serve/config.yaml` / `serve deploy`. The API key is read from the environment variable named by
-`serve.api_key_env` when the app is built; only its SHA-256 travels to the replicas.
-"""
-from __future__ import annotations
+`serve.api_key_env` when the app is built; only its SHA-256 travels to the replicas. Errors are JSON
+{"error", "field"} with a 4xx naming the field (serve/schemas.py).
 
+No `from __future__ import annotations` here: FastAPI reads the route parameters' annotations at runtime,
+and inside a Serve ingress class string annotations were not resolved (every body became a query param).
+"""
+
+import asyncio
 import hashlib
 import hmac
+import json
 import os
 import time
+import uuid
 from pathlib import Path
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from serve.deployments import Retriever, Scorer, quiet_logging, retriever_options, scorer_options, threads_for
-from serve.schemas import ApiError, MCQARequest, check_mcqa, validation_error_body
+from serve.schemas import (ApiError, ChatRequest, CompletionRequest, MCQARequest, check_mcqa, check_messages,
+                           check_prompts, validation_error_body)
 from stemqa.config import StemqaConfig
 from stemqa.data.mcq import LETTERS
 
@@ -42,7 +54,8 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError):
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"Retry-After": "5"} if exc.status == 503 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 def _as_api_error(exc: BaseException) -> Optional[ApiError]:
@@ -53,6 +66,26 @@ def _as_api_error(exc: BaseException) -> Optional[ApiError]:
     return None
 
 
+async def sse_chunks(head: dict, pieces) -> AsyncIterator[str]:
+    """OpenAI chat.completion.chunk events: role first, then content deltas, then finish_reason, then [DONE]."""
+    def event(delta: dict, finish: Optional[str] = None) -> str:
+        chunk = {**head, "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    yield event({"role": "assistant", "content": ""})
+    try:
+        async for piece in pieces:
+            yield event({"content": piece})
+    except Exception as e:  # the status line is already sent: report the failure in the stream itself
+        yield f"data: {json.dumps({'error': {'message': f'generation failed: {type(e).__name__}'}})}\n\n"
+        return
+    yield event({}, "stop")
+    yield "data: [DONE]\n\n"
+
+
+# Everything the ingress uses is defined above it: @serve.deployment serializes the class when it is
+# decorated, so a helper defined further down would be missing in the replica.
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
@@ -76,6 +109,9 @@ class Ingress:
             err = _as_api_error(e)
             if err is not None:
                 raise err from None
+            if isinstance(e, (RayActorError, ActorUnavailableError)):
+                # a replica died under this request (Serve is replacing it): a clean, retryable 503
+                raise ApiError(503, "model", "the model replica restarted during this request; retry") from None
             raise
 
     # --- routes -------------------------------------------------------------------------------------------
@@ -86,8 +122,8 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self):
         try:
-            info = await self.scorer.info.options(timeout_s=10).remote()
-        except Exception as e:
+            info = await asyncio.wait_for(self.scorer.info.remote(), timeout=10)
+        except Exception as e:  # timeout, dead or restarting replica: unhealthy, not a 500
             return JSONResponse({"status": "unavailable", "error": type(e).__name__}, status_code=503)
         return {"status": "ok", "model": self.settings["model_id"], "rag": self.retriever is not None,
                 "max_length": info["max_length"]}
@@ -107,11 +143,11 @@ class Ingress:
         if body.use_rag and self.retriever is None and "use_rag" in body.model_fields_set:
             raise ApiError(400, "use_rag", "this server has no RAG index; send use_rag=false")
         if body.use_rag and self.retriever is not None:
-            query = body.question + "\n" + "\n".join(body.choices)
-            passages = await self._call(self.retriever.search.remote(query, body.top_k or self.settings["top_k"]))
-        result = await self._call(self.scorer.mcqa.remote(body.question, body.choices, body.subject,
-                                                          [p["text"] for p in passages]))
-        used = passages[:result["passages_used"]]
+            # the question alone is the query, as `stemqa eval` retrieves, so served and evaluated prompts agree
+            passages = await self._call(self.retriever.search.remote(body.question,
+                                                                     body.top_k or self.settings["top_k"]))
+        result = await self._call(self.scorer.mcqa.remote(body.question, body.choices, body.subject, passages))
+        used = result["passages"]
         return {
             "answer": result["answer"],
             "probabilities": {LETTERS[i]: p for i, p in enumerate(result["probabilities"])},
@@ -119,6 +155,48 @@ class Ingress:
             "model": self.settings["model_id"],
             "latency_ms": round((time.perf_counter() - start) * 1000, 2),
         }
+
+
+    # --- OpenAI-compatible ------------------------------------------------------------------------------
+    def _max_tokens(self, value: Optional[int], default: int) -> int:
+        cap = self.settings["max_new_tokens"]
+        value = default if value is None else value
+        if value > cap:
+            raise ApiError(422, "max_tokens", f"is {value}, more than this server's {cap}")
+        return value
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._authorize(request)
+        if body.stream:
+            raise ApiError(422, "stream", "streaming is offered on /v1/chat/completions only")
+        prompts = check_prompts(body.prompt, self.settings["max_text_chars"] * 4)
+        max_tokens = self._max_tokens(body.max_tokens, 16)
+        result = await self._call(self.scorer.completions.remote(
+            prompts, max_tokens, body.temperature, body.top_p, body.stop, body.logprobs, body.echo, body.seed))
+        usage = result["usage"]
+        usage["total_tokens"] = usage["prompt_tokens"] + (usage["completion_tokens"] or 0)
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": self.settings["model_id"], "choices": result["choices"], "usage": usage}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatRequest, request: Request):
+        self._authorize(request)
+        messages = check_messages(body.messages, self.settings["max_text_chars"] * 4)
+        max_tokens = self._max_tokens(body.max_tokens, self.settings["max_new_tokens"])
+        ids, max_tokens = await self._call(self.scorer.chat_prompt.remote(messages, max_tokens))
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                "model": self.settings["model_id"]}
+        if not body.stream:
+            out = await self._call(self.scorer.chat.remote(ids, max_tokens, body.temperature, body.top_p, body.stop,
+                                                           body.seed))
+            usage = dict(out["usage"], total_tokens=sum(out["usage"].values()))
+            return {**head, "object": "chat.completion", "usage": usage, "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": out["text"]},
+                "finish_reason": out["finish_reason"]}]}
+        pieces = self.scorer.options(stream=True).chat_stream.remote(ids, max_tokens, body.temperature, body.top_p,
+                                                                     body.stop, body.seed)
+        return StreamingResponse(sse_chunks(head, pieces), media_type="text/event-stream")
 
 
 def model_id(model_dir: str) -> str:

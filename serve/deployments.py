@@ -24,12 +24,15 @@ class Scorer:
         from stemqa.eval.scorer import MCQScorer
         from stemqa.models import load_causal_lm, load_tokenizer
 
+        from serve.generation import Generator
+
         # One thread per reserved CPU: more threads than CPUs on a shared machine ran 2-3x slower (notes).
         torch.set_num_threads(max(1, threads))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.model = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code)
         self.scorer = MCQScorer(self.model, self.tok, batch_size=max_batch_size)
+        self.generator = Generator(self.model, self.tok, self.scorer)
         self.header, self.passage_token_budget = header, passage_token_budget
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -42,32 +45,70 @@ class Scorer:
         if self.model is None:
             raise RuntimeError("model not loaded")
 
-    def _fit_passages(self, passages: list[str]) -> list[str]:
-        """Keep passages, best first, while their tokens stay within rag.token_budget."""
-        kept, used = [], 0
-        for text in passages:
-            n = len(self.tok(text, add_special_tokens=False)["input_ids"])
-            if used + n > self.passage_token_budget:
-                break
-            kept.append(text)
-            used += n
-        return kept
+    async def mcqa(self, question: str, choices: list[str], subject: str, passages: list[dict]) -> dict:
+        """Letter probabilities for one question; concurrent calls are scored in one batch.
 
-    async def mcqa(self, question: str, choices: list[str], subject: str, passages: list[str]) -> dict:
-        """Letter probabilities for one question; concurrent calls are scored in one batch."""
+        `passages` (retrieved, best first) are cut to rag.token_budget model tokens exactly as the
+        evaluator does (`passages_within_budget`); the ones used come back under "passages".
+        """
         from stemqa.data.mcq import MCQ
         from stemqa.data.prompt import harness_prompt
+        from stemqa.rag import Passage, passages_within_budget
 
         record = MCQ(id="request", subject=subject, question=question, choices=list(choices), answer=0, source="api")
-        passages = self._fit_passages(passages)
+        used = passages_within_budget([Passage(**p) for p in passages], self.tok, self.passage_token_budget)
+        texts = [p.text for p in used]
         # Checked here, before batching, so one over-long request fails alone instead of its whole batch.
-        n_tokens = len(self.tok(harness_prompt(record, header=self.header, passages=passages))["input_ids"])
+        n_tokens = len(self.tok(harness_prompt(record, header=self.header, passages=texts))["input_ids"])
         if n_tokens + 1 > self.scorer.max_length:
             raise ApiError(413, "question", f"the prompt is {n_tokens} tokens, over the model's context of "
                            f"{self.scorer.max_length}")
-        pred = await self._score_batch((record, passages))
+        pred = await self._score_batch((record, texts))
         return {"answer": pred.pred, "probabilities": pred.probabilities, "loglikelihoods": pred.loglikelihoods,
-                "passages_used": len(passages)}
+                "passages": [p.to_dict() for p in used]}
+
+    # --- OpenAI-compatible generation -------------------------------------------------------------------
+    def _check_prompt(self, field: str, ids: list[int], max_tokens: int) -> int:
+        """The prompt fits the context; returns max_tokens capped to the room left after it."""
+        vocab = len(self.tok)
+        if not ids:
+            raise ApiError(422, field, "must not be empty")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ApiError(422, field, f"token ids must be integers in [0, {vocab})")
+        if len(ids) > self.scorer.max_length:
+            raise ApiError(413, field, f"is {len(ids)} tokens, over the model's context of {self.scorer.max_length}")
+        return min(max_tokens, self.scorer.max_length - len(ids))
+
+    async def completions(self, prompts: list, max_tokens: int, temperature: float, top_p: float, stop,
+                          logprobs, echo: bool, seed) -> dict:
+        encoded = [self.generator.encode(p) for p in prompts]
+        caps = [self._check_prompt("prompt" if len(prompts) == 1 else f"prompt[{i}]", ids, max_tokens)
+                for i, ids in enumerate(encoded)]
+        choices = await asyncio.to_thread(self.generator.complete, encoded, min(caps), temperature, top_p, stop,
+                                          logprobs, echo, seed)
+        completion = sum(len(self.tok(c["text"])["input_ids"]) for c in choices) if not echo else None
+        return {"choices": choices, "usage": {"prompt_tokens": sum(map(len, encoded)),
+                                              "completion_tokens": completion}}
+
+    def chat_prompt(self, messages: list[dict], max_tokens: int) -> tuple[list[int], int]:
+        """Token ids of the chat template applied to `messages`, and the max_tokens that fit after them."""
+        if not getattr(self.tok, "chat_template", None):
+            raise ApiError(422, "messages", "this model has no chat template; use /v1/completions")
+        try:
+            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template that rejects the roles/order it was given
+            raise ApiError(422, "messages", f"the chat template rejected them: {e}") from None
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return ids, self._check_prompt("messages", ids, max_tokens)
+
+    async def chat(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, stop, seed) -> dict:
+        choice = (await asyncio.to_thread(self.generator.complete, [ids], max_tokens, temperature, top_p, stop,
+                                          None, False, seed))[0]
+        return {"text": choice["text"], "finish_reason": choice["finish_reason"],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(self.tok(choice["text"])["input_ids"])}}
+
+    def chat_stream(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, stop, seed):
+        yield from self.generator.stream(ids, max_tokens, temperature, top_p, stop, seed)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _score_batch(self, items: list[tuple]) -> list:

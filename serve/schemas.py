@@ -105,3 +105,40 @@ def validation_error_body(errors: list[dict]) -> tuple[int, dict]:
     return 422, {"error": f"{field}: {msg}", "field": field, "details": [
         {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body", "message": e.get("msg")}
         for e in errors]}
+
+
+MAX_PROMPTS = 64  # prompts per /v1/completions request (lm-eval sends its batch_size of them)
+
+
+def check_prompts(prompt, max_chars: int) -> list:
+    """OpenAI's `prompt` (a string, strings, token ids, or lists of token ids) -> a list of prompts."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise ApiError(422, "prompt", "must not be empty")
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(422, "prompt", f"has {len(prompts)} prompts, more than the {MAX_PROMPTS} allowed")
+    for i, p in enumerate(prompts):
+        field = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(p, str):
+            _check_text(field, p, max_chars)
+        elif not p:
+            raise ApiError(422, field, "must not be empty")
+    return prompts
+
+
+def check_messages(messages: list, max_chars: int) -> list[dict]:
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in ("system", "user", "assistant"):
+            raise ApiError(422, f"messages[{i}].role", f"must be system, user or assistant, got {m.role!r}")
+        if len(m.content) > max_chars:
+            raise ApiError(422, f"messages[{i}].content", f"is {len(m.content)} characters, more than {max_chars}")
+        out.append({"role": m.role, "content": m.content})
+    if out[-1]["role"] == "assistant":
+        raise ApiError(422, "messages", "the last message must be from the user or system")
+    return out

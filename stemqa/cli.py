@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": ("jobs.eval", "MCQA accuracy by answer-letter log-likelihood (lm-eval compatible)"),
     "serve": ("jobs.serve", "start the Ray Serve app (RAG + model) and answer over HTTP"),
     "config": ("jobs.config", "show a preset or config file, or the documented schema"),
+    "sweep": ("jobs.sweep:main", "Ray Tune sweep over a search space (tune_spaces/*.yaml) with ASHA"),
     "submit": ("jobs.submit:main", "submit a stage or the pipeline to a Ray cluster (ray job submit), follow its logs"),
     "jobs": ("jobs.submit:list_main", "list the Ray jobs on a cluster and their status"),
     "stop": ("jobs.submit:stop_main", "stop a Ray job by id"),

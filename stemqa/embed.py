@@ -56,17 +56,16 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
     return texts
 
 
-def embed_texts(texts: Sequence[str], cfg: EmbedConfig) -> np.ndarray:
-    """Embed `texts` with Ray Data; float32 [n, dim], L2-normalised, row i is texts[i]."""
+def embedding_dataset(texts: list[str], cfg: EmbedConfig):
+    """The lazy Ray Dataset of {idx, embedding} rows (embed_texts runs it; benchmarks time its batches)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    texts = _check_texts(texts)
     if not ray.is_initialized():
         raise RuntimeError("embed_texts: Ray is not initialised (call stemqa.ray_utils.init_ray first)")
     DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.from_items([{"idx": i, "text": t} for i, t in enumerate(texts)])
-    ds = ds.map_batches(
+    return ds.map_batches(
         _EmbedBatch,
         fn_constructor_kwargs={"embedder": cfg.embedder, "cpus": cfg.cpus_per_actor,
                                "use_gpu": cfg.gpus_per_actor > 0},
@@ -76,6 +75,12 @@ def embed_texts(texts: Sequence[str], cfg: EmbedConfig) -> np.ndarray:
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor,
     )
+
+
+def embed_texts(texts: Sequence[str], cfg: EmbedConfig) -> np.ndarray:
+    """Embed `texts` with Ray Data; float32 [n, dim], L2-normalised, row i is texts[i]."""
+    texts = _check_texts(texts)
+    ds = embedding_dataset(texts, cfg)
     idx_parts, vec_parts = [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         idx_parts.append(batch["idx"])

@@ -31,6 +31,13 @@ def local_cluster_address() -> Optional[str]:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     if LOCAL_CLUSTER_ADDRESS_FILE.exists():
+        # the cluster's client settings (token auth) written by cluster/local.sh beside its address
+        env_file = LOCAL_CLUSTER_ADDRESS_FILE.with_name("env")
+        if env_file.exists():
+            for line in env_file.read_text().splitlines():
+                if "=" in line:
+                    key, value = line.split("=", 1)
+                    os.environ.setdefault(key, value)
         return LOCAL_CLUSTER_ADDRESS_FILE.read_text().strip() or None
     return None
 

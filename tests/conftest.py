@@ -60,8 +60,11 @@ def local_cluster(tmp_path_factory):
                STEMQA_DASHBOARD_PORT=os.environ.get("STEMQA_TEST_DASHBOARD_PORT", "8276"),
                RAY=str(Path(sys.executable).parent / "ray"))
     out = subprocess.run(["bash", str(ROOT / "cluster" / "local.sh"), "start"], env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr
+    # the cluster's client settings (token auth) for the ray CLI, ray.init and job submission
+    env_file = Path(env["STEMQA_CLUSTER_DIR"]) / "env"
+    env.update(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
     address = out.stdout.strip().splitlines()[-1]
     yield {"address": address, "dashboard": f"http://127.0.0.1:{env['STEMQA_DASHBOARD_PORT']}", "env": env}
     subprocess.run(["bash", str(ROOT / "cluster" / "local.sh"), "stop"], env=env, capture_output=True, timeout=120)

@@ -142,10 +142,14 @@ class DPOConfig(Section):
         None, description="Absolute train/val/test sizes (seed: 24000/3000/3000); overrides split when set."
     )
     stem_filter: bool = Field(True, description="Keep only pairs that match the STEM keyword filter.")
+    skip_invalid: bool = Field(False, description="Skip malformed preference rows (counted in prep.json) instead of failing.")
     eval_every: int = Field(20, ge=1, description="Validate every N optimizer steps.")
     patience: int = Field(3, ge=1, description="Early stop after this many evals without a better val reward accuracy.")
     checkpoint_every: int = Field(50, ge=1, description="Report a checkpoint every N optimizer steps.")
     reference: Optional[str] = Field(None, description="Reference model; default: the model DPO starts from.")
+    ref_batch_size: int = Field(8, ge=1, description="Pairs per batch in the Ray Data job computing reference log-probs.")
+    ref_cpus: float = Field(1.0, gt=0, description="CPUs of the reference log-prob actor (torch threads match it).")
+    lora: Optional[LoraConfig] = Field(None, description="LoRA adapters for the policy; null = full fine-tuning.")
     seed: int = Field(0, description="Seed for data order.")
     resources: TrainResources = Field(default_factory=TrainResources)
 
@@ -155,7 +159,9 @@ class QuantConfig(Section):
     method: Literal["gptq", "smoothquant-gptq", "bnb-8bit", "bnb-4bit", "int8-weight", "qat"] = Field(
         "gptq", description="Quantization method."
     )
-    bits: int = Field(4, description="Weight bits.")
+    bits: int = Field(
+        4, description="Weight bits for gptq (2, 3, 4, 8) and smoothquant-gptq (4, 8); int8-weight, bnb-8bit and "
+        "bnb-4bit fix their own (8, 8, 4).")
     act_bits: Optional[int] = Field(None, description="Activation bits (8 for W8A8 with SmoothQuant).")
     group_size: int = Field(64, ge=1, description="Quantization group size; must divide every linear input width.")
     calibration_samples: int = Field(20, ge=1, description="Calibration samples drawn from the SFT data.")
@@ -164,6 +170,7 @@ class QuantConfig(Section):
     max_seq_len: int = Field(512, ge=16, description="Calibration prompts are truncated to this many tokens.")
     seed: int = Field(0, description="Seed for drawing the calibration samples.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs the quantization Ray task holds (and torch threads it uses).")
+    verify_reload: bool = Field(True, description="Reload the saved model with plain transformers and check it gives the quantized model's logits.")
 
 
 class CorpusSource(Section):

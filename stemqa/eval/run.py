@@ -83,6 +83,7 @@ def evaluate(model: str, records: Sequence[MCQ], out_dir: Path, scoring: str = "
         raise ValueError(f"no records to evaluate ({data_desc or 'empty set'})")
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
+    loaded_here = scorer is None
     scorer = scorer or load_scorer(model, batch_size, dtype)
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -94,7 +95,7 @@ def evaluate(model: str, records: Sequence[MCQ], out_dir: Path, scoring: str = "
         **accuracy(preds),
         "model": str(model), "data": data_desc, "scoring": scoring, "num_fewshot": k, "subject_header": header,
         "rag": passages is not None, "batch_size": scorer.batch_size,
-        "time_s": round(score_s, 3), "load_time_s": round(load_s, 3),
+        "time_s": round(score_s, 3), "load_time_s": round(load_s, 3) if loaded_here else None,
         "questions_per_s": round(len(records) / score_s, 3) if score_s > 0 else None,
     }
     write_results(out_dir, metrics, preds)

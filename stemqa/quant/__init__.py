@@ -5,7 +5,8 @@
 """
 from stemqa.quant.errors import GroupSizeError, QuantError, UnsupportedMethodError
 from stemqa.quant.methods import METHODS, check_group_size, missing_requirements
+from stemqa.quant.remote import quantize_remote
 from stemqa.quant.run import quantize
 
 __all__ = ["GroupSizeError", "METHODS", "QuantError", "UnsupportedMethodError", "check_group_size",
-           "missing_requirements", "quantize"]
+           "missing_requirements", "quantize", "quantize_remote"]

@@ -1,7 +1,8 @@
 """The method table: one small function per quantization method, plus what each needs to run.
 
 Every method function loads the full-precision model from `model_dir`, quantizes it with the library made
-for the job and saves a `from_pretrained`-loadable directory to `out_dir`; lm_head is always left out.
+for the job, saves a `from_pretrained`-loadable directory to `out_dir` and returns the in-memory quantized
+model (used to check the reload); lm_head is always left out.
 - gptq, smoothquant-gptq, int8-weight: llm-compressor (`oneshot` with GPTQ / SmoothQuant / RTN modifiers),
   saved in compressed-tensors format, which transformers reloads (decompressed) on CPU.
 - bnb-8bit, bnb-4bit: transformers' BitsAndBytesConfig at load time (LLM.int8 / NF4), saved serialized.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from stemqa.config.schema import QuantConfig
 from stemqa.quant.calibration import calibration_dataset
@@ -38,7 +39,8 @@ def check_group_size(model, group_size: int, ignore: Sequence[str] = KEEP) -> No
            if isinstance(m, torch.nn.Linear) and name.split(".")[-1] not in ignore and m.in_features % group_size]
     if bad:
         widths = sorted({w for _, w in bad})
-        shown = ", ".join(f"{n} (in_features={w})" for n, w in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        shown = ", ".join(f"{n} (in_features={w})" for n, w in bad[:4])
+        shown += f" and {len(bad) - 4} more" if len(bad) > 4 else ""
         raise GroupSizeError(
             f"quant.group_size={group_size} does not divide the input width of {len(bad)} linear layer(s): {shown}. "
             f"Pick a group size that divides {', '.join(map(str, widths))}."
@@ -69,7 +71,7 @@ def _scheme(weights, acts=None):
 
 
 def _oneshot_and_save(model_dir: Path, out_dir: Path, texts: Sequence[str], qcfg: QuantConfig, recipe_fn,
-                      group_size: Optional[int]) -> None:
+                      group_size: Optional[int]):
     from llmcompressor import oneshot
 
     from stemqa.models import load_causal_lm, load_tokenizer
@@ -83,17 +85,18 @@ def _oneshot_and_save(model_dir: Path, out_dir: Path, texts: Sequence[str], qcfg
             num_calibration_samples=max(1, len(texts)), shuffle_calibration_samples=False)
     model.save_pretrained(out_dir, save_compressed=True)  # compressed-tensors packed format
     tok.save_pretrained(out_dir)
+    return model
 
 
-def gptq(qcfg: QuantConfig, model_dir: Path, texts: Sequence[str], out_dir: Path) -> None:
+def gptq(qcfg: QuantConfig, model_dir: Path, texts: Sequence[str], out_dir: Path):
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     weights = _weight_args(qcfg.bits, qcfg.group_size)
     recipe = lambda: [GPTQModifier(config_groups=_scheme(weights), ignore=KEEP)]  # noqa: E731
-    _oneshot_and_save(model_dir, out_dir, texts, qcfg, recipe, qcfg.group_size)
+    return _oneshot_and_save(model_dir, out_dir, texts, qcfg, recipe, qcfg.group_size)
 
 
-def smoothquant_gptq(qcfg: QuantConfig, model_dir: Path, texts: Sequence[str], out_dir: Path) -> None:
+def smoothquant_gptq(qcfg: QuantConfig, model_dir: Path, texts: Sequence[str], out_dir: Path):
     from llmcompressor.modifiers.quantization import GPTQModifier
     from llmcompressor.modifiers.transform import SmoothQuantModifier
 
@@ -102,10 +105,10 @@ def smoothquant_gptq(qcfg: QuantConfig, model_dir: Path, texts: Sequence[str], o
     scheme = _scheme(_weight_args(qcfg.bits, group), _act_args(qcfg.act_bits or 8))
     recipe = lambda: [SmoothQuantModifier(smoothing_strength=qcfg.smoothing_alpha),  # noqa: E731
                       GPTQModifier(config_groups=scheme, ignore=KEEP)]
-    _oneshot_and_save(model_dir, out_dir, texts, qcfg, recipe, group)
+    return _oneshot_and_save(model_dir, out_dir, texts, qcfg, recipe, group)
 
 
-def int8_weight(qcfg: QuantConfig, model_dir: Path, texts: Sequence[str], out_dir: Path) -> None:
+def int8_weight(qcfg: QuantConfig, model_dir: Path, texts: Sequence[str], out_dir: Path):
     """Round-to-nearest int8 per-channel weights (torchao's int8 weight-only recipe), no calibration data.
 
     Done with llm-compressor's QuantizationModifier rather than torchao so the output is the same
@@ -114,12 +117,12 @@ def int8_weight(qcfg: QuantConfig, model_dir: Path, texts: Sequence[str], out_di
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     recipe = lambda: [QuantizationModifier(config_groups=_scheme(_weight_args(8, None)), ignore=KEEP)]  # noqa: E731
-    _oneshot_and_save(model_dir, out_dir, (), qcfg, recipe, None)
+    return _oneshot_and_save(model_dir, out_dir, (), qcfg, recipe, None)
 
 
 # ---- bitsandbytes methods ---------------------------------------------------------------------------
 
-def _bnb(bits: int, model_dir: Path, out_dir: Path) -> None:
+def _bnb(bits: int, model_dir: Path, out_dir: Path):
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -131,16 +134,19 @@ def _bnb(bits: int, model_dir: Path, out_dir: Path) -> None:
              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                 llm_int8_skip_modules=KEEP))
     model = load_causal_lm(str(model_dir), quantization_config=qconf, device_map={"": device})
+    # Save before any forward pass: bitsandbytes' CPU backend repacks 4-bit weights in place on the first
+    # forward (measured: [2048, 1] -> [64, 32] for a 64x64 layer), and a model saved after that reloads wrong.
     model.save_pretrained(out_dir)
     load_tokenizer(str(model_dir)).save_pretrained(out_dir)
+    return model
 
 
-def bnb_8bit(qcfg, model_dir, texts, out_dir) -> None:
-    _bnb(8, model_dir, out_dir)
+def bnb_8bit(qcfg, model_dir, texts, out_dir):
+    return _bnb(8, model_dir, out_dir)
 
 
-def bnb_4bit(qcfg, model_dir, texts, out_dir) -> None:
-    _bnb(4, model_dir, out_dir)
+def bnb_4bit(qcfg, model_dir, texts, out_dir):
+    return _bnb(4, model_dir, out_dir)
 
 
 # ---- what each method needs -------------------------------------------------------------------------
@@ -176,7 +182,7 @@ def _bnb_backend() -> list[str]:
 
 @dataclass(frozen=True)
 class Method:
-    run: Callable[[QuantConfig, Path, Sequence[str], Path], None]
+    run: Callable[[QuantConfig, Path, Sequence[str], Path], Any]
     needs: Callable[[], list[str]]
     calibrated: bool  # uses calibration samples
     bits: Callable[[QuantConfig], int]

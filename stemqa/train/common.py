@@ -246,7 +246,7 @@ def full_state_dict(engine, zero_stage: int) -> Optional[dict]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if is_zero else None
 
 
-def save_hf_model(state: dict, base_path: str, lora: Optional[LoraConfig], out_dir: Path) -> Path:
+def save_hf_model(state: Optional[dict], base_path: str, lora: Optional[LoraConfig], out_dir: Path) -> Path:
     """Write `state` as a plain HF directory (safetensors, LoRA merged) + tokenizer, replacing `out_dir` atomically."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -256,7 +256,8 @@ def save_hf_model(state: dict, base_path: str, lora: Optional[LoraConfig], out_d
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_peft_config(lora))
-    model.load_state_dict(state, strict=True)
+    if state is not None:  # None: save the starting model itself (e.g. DPO that never beat it)
+        model.load_state_dict(state, strict=True)
     if lora is not None:
         model = model.merge_and_unload()
     out_dir = Path(out_dir)
@@ -269,3 +270,40 @@ def save_hf_model(state: dict, base_path: str, lora: Optional[LoraConfig], out_d
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+# ---------------------------------------------------------------- completion log-probs (SFT and DPO)
+def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
+    """Prompts left-padded, completions right-padded, so every completion starts at the same column: the
+    model then computes vocabulary logits for the completion columns only (`logits_to_keep`), not the prompt.
+    With a 49k vocabulary those logits dominate time and memory on CPU."""
+    import torch
+
+    p_width = max(len(p) for p in prompts)
+    c_width = max(len(c) for c in completions)
+    n = len(prompts)
+    ids = torch.full((n, p_width + c_width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    comp_mask = torch.zeros((n, c_width), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, p_width - len(p):p_width] = torch.tensor(p)
+        ids[i, p_width:p_width + len(c)] = torch.tensor(c)
+        mask[i, p_width - len(p):p_width + len(c)] = 1
+        comp_mask[i, :len(c)] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids,
+            "completion_ids": ids[:, p_width:], "completion_mask": comp_mask}
+
+
+def completion_token_logps(model, batch: dict):
+    """log p(token) of each completion token [N, C] (0 on padding) from one forward of `model`."""
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    c_width = batch["completion_ids"].shape[1]
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                position_ids=batch["position_ids"].to(device), logits_to_keep=c_width + 1, use_cache=False)
+    logits = out.logits[:, :-1].float()  # column j predicts completion token j
+    target = batch["completion_ids"].to(device)
+    logp = -F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    return logp * batch["completion_mask"].to(device)

@@ -1,12 +1,13 @@
 """Supervised fine-tuning on harness-format MCQs: Ray Train `TorchTrainer` + DeepSpeed ZeRO, full or LoRA.
 
-Each MCQ becomes `harness_prompt(q)` + ` <letter>` + eos; the loss is on the completion tokens only (the
-prompt's labels are -100). The driver tokenizes once and puts the samples in the object store; every worker
-takes its micro-batches from `common.Schedule`, so the order survives a resume. The result is a plain HF
-directory at `out_dir/model` that `stemqa.models.load_causal_lm` loads.
+Each MCQ becomes `harness_prompt(q)` + ` <letter>` + eos; the loss is on the completion tokens only (only
+their logits are computed, see `common.completion_batch`). The driver tokenizes once and puts the samples in
+the object store; every worker takes its micro-batches from `common.Schedule`, so the order survives a
+resume. The result is a plain HF directory at `out_dir/model` that `stemqa.models.load_causal_lm` loads.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -16,35 +17,27 @@ from stemqa.data.mcq import MCQ, read_records
 from stemqa.data.prompt import harness_prompt, target
 from stemqa.train import common
 
-IGNORE = -100
-
-
 def encode_mcq(tok, q: MCQ, max_seq_len: int) -> dict:
-    """Token ids of prompt + completion and the prompt length; the prompt is cut from the left when too long,
-    so the answer is always kept."""
+    """Prompt ids and completion ids (` <letter>` + eos); the prompt is cut from the left when too long, so
+    the answer is always kept."""
     prompt = tok(harness_prompt(q), add_special_tokens=True)["input_ids"]
     completion = tok(target(q), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     keep = max_seq_len - len(completion)
     if keep < 1:
         raise ValueError(f"sft.max_seq_len {max_seq_len} leaves no room for the prompt of {q.id}")
-    prompt = prompt[-keep:]
-    return {"id": q.id, "input_ids": prompt + completion, "prompt_len": len(prompt)}
+    return {"id": q.id, "prompt": prompt[-keep:], "completion": completion}
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:
-    """Right-padded batch; labels are -100 on the prompt and the padding."""
-    import torch
+    """Left-padded prompts + right-padded completions; only completion tokens carry loss."""
+    return common.completion_batch([s["prompt"] for s in samples], [s["completion"] for s in samples], pad_id)
 
-    width = max(len(s["input_ids"]) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s["input_ids"])
-        ids[i, :n] = torch.tensor(s["input_ids"])
-        mask[i, :n] = 1
-        labels[i, s["prompt_len"]:n] = ids[i, s["prompt_len"]:n]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+def completion_loss(model, batch: dict):
+    """(mean loss over completion tokens, their count): the prompt is masked by construction."""
+    logp = common.completion_token_logps(model, batch)
+    n = batch["completion_mask"].sum()
+    return -logp.sum() / n.clamp(min=1), int(n)
 
 
 def split_eval(samples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -67,10 +60,8 @@ def _eval_loss(engine, samples: list[dict], batch_size: int, pad_id: int) -> flo
     engine.eval()
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
-            batch = collate(mine[i:i + batch_size], pad_id)
-            n = int((batch["labels"][:, 1:] != IGNORE).sum())
-            out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
-            loss_sum += float(out.loss) * n
+            loss, n = completion_loss(engine, collate(mine[i:i + batch_size], pad_id))
+            loss_sum += float(loss) * n
             n_tok += n
     engine.train()
     loss_sum, n_tok = common.all_reduce_sum([loss_sum, n_tok])
@@ -88,6 +79,7 @@ def train_loop(config: dict) -> None:
     import ray
     import torch
 
+    t_start = time.perf_counter()
     sft: SFTConfig = SFTConfig.model_validate(config["sft"])
     res = sft.resources
     common.worker_setup(res)
@@ -101,10 +93,12 @@ def train_loop(config: dict) -> None:
     model = common.load_train_model(config["base_path"], sft.lora, common.use_bf16(res))
     engine = common.make_engine(model, res, sft.lr, sft.batch_size, sft.grad_accum, total,
                                 int(sft.warmup_ratio * total))
-    state = common.restore_checkpoint(engine) or {"step": 0, "losses": [], "tokens": 0, "train_s": 0.0,
+    restored = common.restore_checkpoint(engine)
+    state = restored or {"step": 0, "losses": [], "tokens": 0, "train_s": 0.0,
                                                   "eval_loss_before": None, "sample_ids": []}
     if state["eval_loss_before"] is None and held:
         state["eval_loss_before"] = _eval_loss(engine, held, sft.batch_size, pad_id)
+    setup_s = time.perf_counter() - t_start  # model load + DeepSpeed init (+ its op build on first use)
     engine.train()
     while state["step"] < total:
         t0 = time.perf_counter()
@@ -114,11 +108,10 @@ def train_loop(config: dict) -> None:
             idx = schedule.micro_batch(state["step"] * sft.grad_accum + micro, r)
             step_ids += [train[i]["id"] for i in idx]
             batch = collate([train[i] for i in idx], pad_id)
-            out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
-            engine.backward(out.loss)
+            loss, n = completion_loss(engine, batch)
+            engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            n = int((batch["labels"][:, 1:] != IGNORE).sum())
-            loss_sum += float(out.loss.detach()) * n
+            loss_sum += float(loss.detach()) * n
             n_tok += n
             tokens += int(batch["attention_mask"].sum())
         loss_sum, n_tok, tokens = common.all_reduce_sum([loss_sum, n_tok, tokens])
@@ -126,6 +119,8 @@ def train_loop(config: dict) -> None:
         state["losses"].append(loss_sum / max(n_tok, 1.0))
         state["tokens"] += int(tokens)
         state["train_s"] += time.perf_counter() - t0
+        if config.get("fail_at_step") == state["step"] and restored is None and r == 0:
+            os._exit(1)  # fault injection for the resume tests: a worker process dies mid-run
         if config.get("log_sample_ids"):
             state["sample_ids"].append(step_ids)  # this rank's ids; rank 0's are kept in the checkpoint
         if state["step"] % sft.checkpoint_every == 0 and state["step"] < total:
@@ -141,7 +136,8 @@ def train_loop(config: dict) -> None:
         "train_loss_first": state["losses"][0], "train_loss_last": state["losses"][-1],
         "eval_loss_before": state["eval_loss_before"], "eval_loss": eval_loss, "steps": state["step"],
         "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["train_s"], 1e-9),
-        "train_s": state["train_s"], "sample_ids": state["sample_ids"],
+        "train_s": state["train_s"], "worker_setup_s": setup_s, "worker_total_s": time.perf_counter() - t_start,
+        "sample_ids": state["sample_ids"],
     })
 
 
@@ -154,7 +150,8 @@ def prepare_samples(cfg: StemqaConfig, train_path: Path, tok) -> tuple[list[dict
 
 
 def run_sft(cfg: StemqaConfig, train_path: Path, out_dir: Path, base_model: Optional[str] = None,
-            run_name: str = "sft", log_sample_ids: bool = False) -> dict:
+            run_name: str = "sft", log_sample_ids: bool = False,
+            fail_at_step: Optional[int] = None) -> dict:
     """Fine-tune `base_model` (default cfg.model.name) on the MCQ records in `train_path`.
 
     Ray must be initialised by the caller. Checkpoints go to out_dir/ray/<run_name> (re-running with the same
@@ -173,12 +170,15 @@ def run_sft(cfg: StemqaConfig, train_path: Path, out_dir: Path, base_model: Opti
     tok = load_tokenizer(base_path)
     train, held = prepare_samples(cfg, Path(train_path), tok)
     config = {"sft": cfg.sft.model_dump(mode="json"), "data_ref": ray.put((train, held)), "pad_id": tok.pad_token_id,
-              "base_path": base_path, "model_dir": str(out_dir / "model"), "log_sample_ids": log_sample_ids}
+              "base_path": base_path, "model_dir": str(out_dir / "model"),
+              "log_sample_ids": log_sample_ids, "fail_at_step": fail_at_step}
     trainer = TorchTrainer(train_loop, train_loop_config=config,
                            scaling_config=common.scaling_config(cfg.sft.resources),
                            run_config=common.run_config(out_dir, run_name, cfg.sft.resources,
                                                         quiet=cfg.cluster.quiet))
+    t_fit = time.perf_counter()
     metrics = common.fit(trainer)
+    metrics["fit_s"] = time.perf_counter() - t_fit
     metrics["wall_s"] = time.perf_counter() - t0
     metrics["train_samples"], metrics["eval_samples"] = len(train), len(held)
     return {"model_dir": str(out_dir / "model"), "metrics": metrics}
