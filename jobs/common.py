@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from stemqa.ray_utils import init_ray  # first: it loads the local cluster's client env before ray is imported
 from stemqa.config import StemqaConfig, load_config
 from stemqa.runs import Run
 
@@ -46,8 +47,6 @@ def open_run(args, cfg: StemqaConfig) -> Run:
 
 
 def connect(cfg: StemqaConfig) -> str:
-    from stemqa.ray_utils import init_ray
-
     return init_ray(cfg.cluster.address, quiet=cfg.cluster.quiet)
 
 

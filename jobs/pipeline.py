@@ -21,12 +21,6 @@ from jobs.common import config_from, connect, open_run, parser
 from stemqa.data.mcq import load_sources, read_records, write_records
 from stemqa.data.paths import data_root
 
-SAMPLE_QUESTION = {
-    "question": "What is the SI unit of electric charge?",
-    "choices": ["volt", "coulomb", "ampere", "ohm"],
-}
-
-
 def main(argv=None) -> int:
     p = parser("stemqa pipeline", __doc__)
     p.add_argument("--no-serve", action="store_true", help="stop after evaluation (no Serve app)")
@@ -106,8 +100,8 @@ def main(argv=None) -> int:
         rec.add_artifact("model", res["model_dir"])
         rec.add_metrics(pairs=pairs.get("counts", {}), **res["metrics"])
         m = res["metrics"]
-        return (f"val reward acc {m.get('val_reward_accuracy_before', float('nan')):.2f} -> "
-                f"{m.get('val_reward_accuracy_best', float('nan')):.2f}")
+        return (f"reward accuracy: val best {m.get('val_reward_accuracy_best', float('nan')):.2f}, "
+                f"test {m.get('test_reward_accuracy', float('nan')):.2f}")
 
     stage("dpo", do_dpo, inputs={"base_model": "sft/model"}, config=cfg.dpo.model_dump(mode="json"))
 
@@ -166,6 +160,7 @@ def main(argv=None) -> int:
     # 8. serve the quantized model with RAG, and ask it one question over HTTP
     if cfg.serve.enabled and not args.no_serve:
         def do_serve(rec):
+            from jobs.serve import SAMPLE as SAMPLE_QUESTION
             from jobs.serve import ask, deploy
 
             url = deploy(cfg, str(run.artifact("quant", "model")), str(run.artifact("rag", "index")))

@@ -17,6 +17,8 @@ COMMANDS = {
     "serve": ("jobs.serve", "start the Ray Serve app (RAG + model) and answer over HTTP"),
     "config": ("jobs.config", "show a preset or config file, or the documented schema"),
     "sweep": ("jobs.sweep:main", "Ray Tune sweep over a search space (tune_spaces/*.yaml) with ASHA"),
+    "runs": ("jobs.runs:main", "list runs, or show one run's stages, configs, artifacts and lineage"),
+    "report": ("jobs.report:main", "write a self-contained HTML report of a run"),
     "submit": ("jobs.submit:main", "submit a stage or the pipeline to a Ray cluster (ray job submit), follow its logs"),
     "jobs": ("jobs.submit:list_main", "list the Ray jobs on a cluster and their status"),
     "stop": ("jobs.submit:stop_main", "stop a Ray job by id"),

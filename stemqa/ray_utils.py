@@ -27,24 +27,33 @@ WORKER_ENV = {
 LOCAL_CLUSTER_ADDRESS_FILE = Path(os.environ.get("STEMQA_CLUSTER_DIR", "/tmp/stemqa-cluster")) / "address"
 
 
+def load_cluster_env() -> None:
+    """Client settings (token auth) that cluster/local.sh writes beside its address, into os.environ.
+
+    Ray reads RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH when `ray` is imported, so this runs before any import of ray
+    (this module imports ray lazily, and jobs.common imports this module first). The user's own env wins.
+    """
+    env_file = LOCAL_CLUSTER_ADDRESS_FILE.with_name("env")
+    if LOCAL_CLUSTER_ADDRESS_FILE.exists() and env_file.exists():
+        for line in env_file.read_text().splitlines():
+            if "=" in line:
+                key, value = line.split("=", 1)
+                os.environ.setdefault(key, value)
+
+
 def local_cluster_address() -> Optional[str]:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     if LOCAL_CLUSTER_ADDRESS_FILE.exists():
-        # the cluster's client settings (token auth) written by cluster/local.sh beside its address
-        env_file = LOCAL_CLUSTER_ADDRESS_FILE.with_name("env")
-        if env_file.exists():
-            for line in env_file.read_text().splitlines():
-                if "=" in line:
-                    key, value = line.split("=", 1)
-                    os.environ.setdefault(key, value)
         return LOCAL_CLUSTER_ADDRESS_FILE.read_text().strip() or None
     return None
 
 
 def quiet_ray_logs() -> None:
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "ray._private"):
+    for name in ("ray", "ray.train", "ray.tune", "ray.serve", "ray._private"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Data warns that progress bars are off, which is what quiet asks for, and logs each finished dataset
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     try:
         from ray.data import DataContext
 
@@ -59,9 +68,14 @@ def quiet_ray_logs() -> None:
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quiet: bool = True,
              working_dir: Optional[str] = None):
     """Connect to (or start) Ray with stemqa's worker environment; returns the address used."""
-    import ray
-
     os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
+    if quiet:
+        # The driver's core worker logs at ERROR level things that are not errors of ours (e.g. Ray Data's
+        # actor pools: "constructor arguments in the object store and max_restarts > 0"); task and actor
+        # failures still reach the driver as exceptions, and workers keep their own logs.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    import ray  # after the env above, which Ray reads when it starts
+
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = address or local_cluster_address() or "local"
@@ -84,3 +98,6 @@ def cpus_available() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+load_cluster_env()

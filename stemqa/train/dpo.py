@@ -222,6 +222,7 @@ def train_loop(config: dict) -> None:
         "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["train_s"], 1e-9),
         "train_s": state["train_s"], "worker_setup_s": setup_s, "worker_total_s": time.perf_counter() - t_start,
         "sample_ids": state["sample_ids"],
+        "losses": state["losses"],  # train loss per optimizer step, for stemqa.tracking and the report
     })
 
 
