@@ -54,8 +54,8 @@ setup_auth() {
     unset RAY_AUTH_TOKEN_PATH
   fi
   unset RAY_AUTH_TOKEN
-  { echo "RAY_AUTH_MODE=$RAY_AUTH_MODE"; [ "$auth" = "token" ] && echo "RAY_AUTH_TOKEN_PATH=$dir/auth_token"; true; } \
-    > "$dir/env"
+  { echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE"
+    [ "$auth" = "token" ] && echo "export RAY_AUTH_TOKEN_PATH=$dir/auth_token"; true; } > "$dir/env"
 }
 
 start() {
@@ -94,7 +94,7 @@ start_worker() {
     --object-store-memory "$store" --min-worker-port "$((wbase + 500))" --max-worker-port "$((wbase + 999))" \
     --node-manager-port "$worker_nm_port" --dashboard-agent-listen-port "$((port + 7))" \
     --dashboard-agent-grpc-port "$((port + 8))" --runtime-env-agent-port "$((port + 9))" \
-    --metrics-export-port "$((port + 10))" \
+    --metrics-export-port "$((port + 10))" --temp-dir "$dir/ray-worker" \
     --resources '{"worker_node": 1}' --disable-usage-stats >"$dir/worker.log" 2>&1 \
     || { cat "$dir/worker.log" >&2; exit 1; }
 }

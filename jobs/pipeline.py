@@ -20,6 +20,7 @@ from pathlib import Path
 from jobs.common import config_from, connect, open_run, parser
 from stemqa.data.mcq import load_sources, read_records, write_records
 from stemqa.data.paths import data_root
+from stemqa.tracking import log_stage
 
 def main(argv=None) -> int:
     p = parser("stemqa pipeline", __doc__)
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         with run.stage(name, inputs=inputs, config=config) as rec:
             summary = fn(rec)
+        log_stage(run, name, run.manifest()["stages"][name]["metrics"], cfg.tracking, config)
         timings[name] = (time.time() - t0, summary)
         print(f"[{name}] {summary} ({timings[name][0]:.0f} s)", flush=True)
         return run.manifest()["stages"][name]
@@ -192,7 +194,10 @@ def print_summary(run, timings) -> None:
     for name, (secs, summary) in timings.items():
         table.add_row(name, f"{secs:.0f} s", summary)
     Console(width=160).print(table)
+    from stemqa.report import write_report
+
     print(f"run directory: {run.path}  (manifest.json lists every artifact)")
+    print(f"report: {write_report(run.path)}  (stemqa runs show {run.id} for the lineage)")
 
 
 if __name__ == "__main__":

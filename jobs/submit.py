@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from stemqa import storage
+from stemqa.ray_utils import read_env_file
 from stemqa.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,10 +62,8 @@ def use_local_cluster_auth(address: str) -> None:
     env_file, dash = local_cluster_dir() / "env", local_cluster_dir() / "dashboard"
     if not env_file.exists() or not dash.exists() or dash.read_text().strip() != address.rstrip("/"):
         return
-    for line in env_file.read_text().splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() and key.strip() not in os.environ:
-            os.environ[key.strip()] = value.strip()
+    for key, value in read_env_file(env_file).items():
+        os.environ.setdefault(key, value)
 
 
 def default_address() -> str:

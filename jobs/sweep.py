@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from stemqa.tune.space import load_space
 
     space = load_space(args.space, base=args.config, overrides=args.overrides)  # ConfigError: one clear line
-    cfg = space.base
+    cfg = space.base.model_copy(deep=True)  # where to run; the trials' own config stays as loaded
     if args.address:
         cfg.cluster.address = args.address
     if args.verbose:

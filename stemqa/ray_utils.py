@@ -27,6 +27,16 @@ WORKER_ENV = {
 LOCAL_CLUSTER_ADDRESS_FILE = Path(os.environ.get("STEMQA_CLUSTER_DIR", "/tmp/stemqa-cluster")) / "address"
 
 
+def read_env_file(path) -> dict[str, str]:
+    """`export KEY=VALUE` lines (the env file cluster/local.sh writes; `source` it in a shell)."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        key, sep, value = line.strip().removeprefix("export ").partition("=")
+        if sep and key.strip():
+            out[key.strip()] = value.strip()
+    return out
+
+
 def load_cluster_env() -> None:
     """Client settings (token auth) that cluster/local.sh writes beside its address, into os.environ.
 
@@ -35,10 +45,8 @@ def load_cluster_env() -> None:
     """
     env_file = LOCAL_CLUSTER_ADDRESS_FILE.with_name("env")
     if LOCAL_CLUSTER_ADDRESS_FILE.exists() and env_file.exists():
-        for line in env_file.read_text().splitlines():
-            if "=" in line:
-                key, value = line.split("=", 1)
-                os.environ.setdefault(key, value)
+        for key, value in read_env_file(env_file).items():
+            os.environ.setdefault(key, value)
 
 
 def local_cluster_address() -> Optional[str]:
@@ -79,11 +87,17 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quie
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = address or local_cluster_address() or "local"
-    runtime_env = {"env_vars": dict(WORKER_ENV)}
-    if working_dir:
-        runtime_env["working_dir"] = working_dir
-    kwargs = dict(runtime_env=runtime_env, log_to_driver=not quiet, configure_logging=True,
+    kwargs = dict(log_to_driver=not quiet, configure_logging=True,
                   logging_level=logging.WARNING if quiet else logging.INFO)
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        # Inside a submitted job the job's runtime env stays as it is: a driver runtime env merged into it is a
+        # different env, and Ray then deletes and re-extracts the job's working dir under the running driver
+        # (its cwd goes stale: "[Errno 2] No such file or directory" on the next import). The worker env vars
+        # come from the job (stemqa submit) or from the cluster's own environment (cluster/local.sh).
+        runtime_env = {"env_vars": dict(WORKER_ENV)}
+        if working_dir:
+            runtime_env["working_dir"] = working_dir
+        kwargs["runtime_env"] = runtime_env
     if address == "local":  # a private instance; the dashboard stays on (see ray-on-small-machines notes)
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
                  dashboard_host="127.0.0.1", **kwargs)

@@ -26,19 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 METRICS_FILE = "metrics.jsonl"
 
 
-class TrackingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    backends: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
-        default_factory=lambda: ["mlflow", "tensorboard"],
-        description="Trackers to log to. Empty = none; metrics always also go to <run>/<stage>/metrics.jsonl.")
-    mlflow_uri: Optional[str] = Field(
-        None, description="MLflow tracking URI (http://host:5000, sqlite:///x.db, file:///dir). Default: a local "
-        "file store at <storage_path>/mlruns (no server needed; `mlflow ui --backend-store-uri` reads it).")
-    experiment: str = Field("stemqa", description="MLflow experiment / W&B project the runs are logged under.")
-    wandb_mode: Literal["offline", "online"] = Field(
-        "offline", description="W&B mode; offline writes <run>/wandb for a later `wandb sync` (no network).")
-    wandb_entity: Optional[str] = Field(None, description="W&B entity (team or user); default: the API key's.")
+from stemqa.config.schema import TrackingConfig  # noqa: E402  (the section lives in the one config tree)
 
 
 # ---------------------------------------------------------------- a stage's metrics -> rows per step
@@ -61,7 +49,8 @@ def stage_rows(metrics: dict) -> list[dict]:
         rows.setdefault(int(ev["step"]), {}).update(vals)
     out = [{"step": s, **vals} for s, vals in sorted(rows.items())]
     flat = _params({k: v for k, v in metrics.items() if k not in ("losses", "evals")})  # nested dicts -> a.b
-    summary = {k.replace("/", "."): _scalar(v) for k, v in flat.items() if _scalar(v) is not None}
+    # a stage's final metrics may carry its last "step"; the summary row's step must stay None
+    summary = {k.replace("/", "."): _scalar(v) for k, v in flat.items() if _scalar(v) is not None and k != "step"}
     if summary:
         out.append({"step": None, **summary})
     return out

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import stemqa.ray_utils  # noqa: F401  first: loads a local cluster's client env before anything imports ray
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STEMQA_DATA_ROOT", ROOT.parent / "shared" / "data"))
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots and other outputs tests keep (git-ignored)
@@ -64,7 +66,7 @@ def local_cluster(tmp_path_factory):
     assert out.returncode == 0, out.stderr
     # the cluster's client settings (token auth) for the ray CLI, ray.init and job submission
     env_file = Path(env["STEMQA_CLUSTER_DIR"]) / "env"
-    env.update(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    env.update(stemqa.ray_utils.read_env_file(env_file))
     address = out.stdout.strip().splitlines()[-1]
     yield {"address": address, "dashboard": f"http://127.0.0.1:{env['STEMQA_DASHBOARD_PORT']}", "env": env}
     subprocess.run(["bash", str(ROOT / "cluster" / "local.sh"), "stop"], env=env, capture_output=True, timeout=120)

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -24,20 +23,13 @@ def test_pipeline_submitted_as_a_ray_job(local_cluster, tmp_path, shared_data):
     """Every stage runs on the cluster, artifacts land in the run directory, the served model answers."""
     run_dir = tmp_path / "runs" / "tiny-job"
     env = dict(local_cluster["env"], RAY_ADDRESS=local_cluster["dashboard"])
-    cmd = [RAY, "job", "submit", "--working-dir", str(ROOT), "--no-wait", "--",
+    cmd = [RAY, "job", "submit", "--working-dir", str(ROOT), "--",
            "python", "-m", "jobs.pipeline", "--config", "tests/configs/tiny.yaml", "--run", str(run_dir),
            "--set", f"data.root={shared_data}", "--set", f"cluster.storage_path={tmp_path / 'runs'}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr
-    job_id = next(line.split("'")[1] for line in out.stdout.splitlines() if "submitted successfully" in line)
-    deadline, status = time.time() + 900, ""
-    while time.time() < deadline:
-        status = subprocess.run([RAY, "job", "status", job_id], capture_output=True, text=True, env=env).stdout
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-            break
-        time.sleep(5)
-    logs = subprocess.run([RAY, "job", "logs", job_id], capture_output=True, text=True, env=env).stdout
-    assert "SUCCEEDED" in status, f"{status}\n{logs[-5000:]}"
+    # `ray job submit` follows the job's logs and exits non-zero when the job fails; bounded, never hangs
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+    logs = out.stdout + out.stderr
+    assert out.returncode == 0, logs[-5000:]
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     stages = manifest["stages"]

@@ -263,6 +263,21 @@ class ClusterConfig(Section):
     quiet: bool = Field(True, description="Keep Ray's own log lines out of the console.")
 
 
+class TrackingConfig(Section):
+    """Experiment trackers (stemqa.tracking)."""
+
+    backends: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["mlflow", "tensorboard"],
+        description="Trackers to log to. Empty = none; metrics always also go to <run>/<stage>/metrics.jsonl.")
+    mlflow_uri: Optional[str] = Field(
+        None, description="MLflow tracking URI (http://host:5000, sqlite:///x.db, file:///dir). Default: a local "
+        "file store at <storage_path>/mlruns (no server needed; `mlflow ui --backend-store-uri` reads it).")
+    experiment: str = Field("stemqa", description="MLflow experiment / W&B project the runs are logged under.")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="W&B mode; offline writes <run>/wandb for a later `wandb sync` (no network).")
+    wandb_entity: Optional[str] = Field(None, description="W&B entity (team or user); default: the API key's.")
+
+
 class StemqaConfig(Section):
     """Root of the config tree."""
 
@@ -278,3 +293,4 @@ class StemqaConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)

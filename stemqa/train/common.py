@@ -34,11 +34,13 @@ def scaling_config(res: TrainResources):
                          resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})})
 
 
-def run_config(out_dir: Path, name: str, res: TrainResources, keep: int = 1, quiet: bool = True):
+def run_config(out_dir: Path, name: str, res: TrainResources, keep: int = 1, quiet: bool = True,
+               callbacks: Optional[list] = None):
+    """`callbacks`: Ray Train UserCallbacks, e.g. Tune's TuneReportCallback when the run is a sweep trial."""
     import ray.train
 
     return ray.train.RunConfig(
-        storage_path=str(Path(out_dir).resolve() / "ray"), name=name,
+        storage_path=str(Path(out_dir).resolve() / "ray"), name=name, callbacks=list(callbacks or []),
         failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
         **({"logging_config": ray.train.LoggingConfig(log_level="WARNING")} if quiet else {}),

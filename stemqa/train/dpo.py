@@ -156,6 +156,7 @@ def _save_best(engine, dpo: DPOConfig, config: dict) -> None:
 
 def train_loop(config: dict) -> None:
     import ray
+    import ray.train
     import torch
 
     t_start = time.perf_counter()
@@ -208,8 +209,20 @@ def train_loop(config: dict) -> None:
             else:
                 state["bad_evals"] += 1
                 state["stopped_early"] = state["bad_evals"] >= dpo.patience
-        if state["step"] % dpo.checkpoint_every == 0 and state["step"] < total and not state["stopped_early"]:
-            common.report_checkpoint(engine, state, {"step": state["step"], "train_loss": state["losses"][-1]})
+        # report_evals (set by sweeps): a metrics-only report after each eval, what ASHA compares trials by;
+        # then every report carries the latest eval, since Tune rejects a report without the scheduler's metric.
+        report_evals = config.get("report_evals")
+        running = state["step"] < total and not state["stopped_early"]
+        at_ckpt = state["step"] % dpo.checkpoint_every == 0 and running
+        at_report = bool(report_evals) and state["evals"][-1]["step"] == state["step"] and running
+        if at_ckpt or at_report:
+            metrics = {"step": state["step"], "train_loss": state["losses"][-1]}
+            if report_evals:
+                metrics.update(_eval_metrics(state))
+            if at_ckpt:
+                common.report_checkpoint(engine, state, metrics)
+            else:
+                ray.train.report(metrics)  # every rank reports (Train V2 waits for all)
 
     if state["best_step"] == 0 and r == 0:  # never beat the start: the best model is the starting one
         common.save_hf_model(None, config["base_path"], None, Path(config["model_dir"]))
@@ -223,7 +236,16 @@ def train_loop(config: dict) -> None:
         "train_s": state["train_s"], "worker_setup_s": setup_s, "worker_total_s": time.perf_counter() - t_start,
         "sample_ids": state["sample_ids"],
         "losses": state["losses"],  # train loss per optimizer step, for stemqa.tracking and the report
+        "step": state["step"], "train_loss": state["losses"][-1] if state["losses"] else None,
+        **_eval_metrics(state),  # the keys of the intermediate reports
     })
+
+
+def _eval_metrics(state: dict) -> dict:
+    """The latest validation and the best so far, as reported to Ray Train (and through it to Tune)."""
+    last = state["evals"][-1]
+    return {"val_reward_accuracy": last["reward_accuracy"], "val_reward_margin": last["reward_margin"],
+            "val_loss": last["loss"], "val_reward_accuracy_best": state["best_acc"]}
 
 
 # ---------------------------------------------------------------- driver
@@ -249,9 +271,12 @@ def reward_accuracy(policy: dict, ref: dict, beta: float) -> dict:
 
 def run_dpo(cfg: StemqaConfig, pairs_dir: Path, out_dir: Path, base_model: str, run_name: str = "dpo",
             log_sample_ids: bool = False,
-            fail_at_step: Optional[int] = None) -> dict:
+            fail_at_step: Optional[int] = None, callbacks: Optional[list] = None,
+            report_evals: bool = False) -> dict:
     """DPO from `base_model` on pairs_dir/{train,val,test}.jsonl (from `prepare_pairs`); Ray initialised by the
-    caller. Returns {"model_dir", "metrics"} with val reward accuracy before/best and test reward accuracy."""
+    caller. Returns {"model_dir", "metrics"} with val reward accuracy before/best and test reward accuracy.
+    Sweeps pass `callbacks` (Ray Train callbacks, e.g. TuneReportCallback) and `report_evals` (report each
+    validation as it happens)."""
     import ray
     from ray.train.torch import TorchTrainer
 
@@ -275,9 +300,10 @@ def run_dpo(cfg: StemqaConfig, pairs_dir: Path, out_dir: Path, base_model: str, 
             _with_ref(tok, pairs["val"], ref["scores"]["val"], dpo.max_len))
     config = {"dpo": dpo.model_dump(mode="json"), "data_ref": ray.put(data), "pad_id": tok.pad_token_id,
               "base_path": base_path, "model_dir": str(out_dir / "model"),
-              "log_sample_ids": log_sample_ids, "fail_at_step": fail_at_step}
+              "log_sample_ids": log_sample_ids, "fail_at_step": fail_at_step, "report_evals": report_evals}
     trainer = TorchTrainer(train_loop, train_loop_config=config, scaling_config=common.scaling_config(dpo.resources),
-                           run_config=common.run_config(out_dir, run_name, dpo.resources, quiet=cfg.cluster.quiet))
+                           run_config=common.run_config(out_dir, run_name, dpo.resources, quiet=cfg.cluster.quiet,
+                                                        callbacks=callbacks))
     t_fit = time.perf_counter()
     metrics = common.fit(trainer)
     metrics["fit_s"] = time.perf_counter() - t_fit

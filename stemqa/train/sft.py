@@ -77,6 +77,7 @@ def _world() -> int:
 def train_loop(config: dict) -> None:
     """Ray Train worker: build the engine, resume if a checkpoint exists, train, save the HF model."""
     import ray
+    import ray.train
     import torch
 
     t_start = time.perf_counter()
@@ -123,8 +124,19 @@ def train_loop(config: dict) -> None:
             os._exit(1)  # fault injection for the resume tests: a worker process dies mid-run
         if config.get("log_sample_ids"):
             state["sample_ids"].append(step_ids)  # this rank's ids; rank 0's are kept in the checkpoint
-        if state["step"] % sft.checkpoint_every == 0 and state["step"] < total:
-            common.report_checkpoint(engine, state, {"step": state["step"], "train_loss": state["losses"][-1]})
+        # report_every (set by sweeps): metrics-only reports with the eval loss, what ASHA compares trials by;
+        # then every report carries it, since Tune rejects a report without the scheduler's metric.
+        report_every = config.get("report_every")
+        at_ckpt = state["step"] % sft.checkpoint_every == 0 and state["step"] < total
+        at_report = bool(report_every) and state["step"] % report_every == 0 and state["step"] < total
+        if at_ckpt or at_report:
+            metrics = {"step": state["step"], "train_loss": state["losses"][-1]}
+            if report_every and held:
+                metrics["eval_loss"] = _eval_loss(engine, held, sft.batch_size, pad_id)
+            if at_ckpt:
+                common.report_checkpoint(engine, state, metrics)
+            else:
+                ray.train.report(metrics)  # every rank reports (Train V2 waits for all)
 
     eval_loss = _eval_loss(engine, held, sft.batch_size, pad_id) if held else None
     weights = common.full_state_dict(engine, res.zero_stage)
@@ -135,6 +147,7 @@ def train_loop(config: dict) -> None:
     common.report_checkpoint(engine, state, {
         "train_loss_first": state["losses"][0], "train_loss_last": state["losses"][-1],
         "eval_loss_before": state["eval_loss_before"], "eval_loss": eval_loss, "steps": state["step"],
+        "step": state["step"], "train_loss": state["losses"][-1],  # the keys of the intermediate reports
         "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["train_s"], 1e-9),
         "train_s": state["train_s"], "worker_setup_s": setup_s, "worker_total_s": time.perf_counter() - t_start,
         "sample_ids": state["sample_ids"],
@@ -152,11 +165,14 @@ def prepare_samples(cfg: StemqaConfig, train_path: Path, tok) -> tuple[list[dict
 
 def run_sft(cfg: StemqaConfig, train_path: Path, out_dir: Path, base_model: Optional[str] = None,
             run_name: str = "sft", log_sample_ids: bool = False,
-            fail_at_step: Optional[int] = None) -> dict:
+            fail_at_step: Optional[int] = None, callbacks: Optional[list] = None,
+            report_every: Optional[int] = None) -> dict:
     """Fine-tune `base_model` (default cfg.model.name) on the MCQ records in `train_path`.
 
     Ray must be initialised by the caller. Checkpoints go to out_dir/ray/<run_name> (re-running with the same
     out_dir and run_name resumes); the model to out_dir/model. Returns {"model_dir", "metrics"}.
+    Sweeps pass `callbacks` (Ray Train callbacks, e.g. TuneReportCallback) and `report_every` (report
+    {step, train_loss, eval_loss} every N optimizer steps).
     """
     import ray
     from ray.train.torch import TorchTrainer
@@ -172,11 +188,11 @@ def run_sft(cfg: StemqaConfig, train_path: Path, out_dir: Path, base_model: Opti
     train, held = prepare_samples(cfg, Path(train_path), tok)
     config = {"sft": cfg.sft.model_dump(mode="json"), "data_ref": ray.put((train, held)), "pad_id": tok.pad_token_id,
               "base_path": base_path, "model_dir": str(out_dir / "model"),
-              "log_sample_ids": log_sample_ids, "fail_at_step": fail_at_step}
+              "log_sample_ids": log_sample_ids, "fail_at_step": fail_at_step, "report_every": report_every}
     trainer = TorchTrainer(train_loop, train_loop_config=config,
                            scaling_config=common.scaling_config(cfg.sft.resources),
                            run_config=common.run_config(out_dir, run_name, cfg.sft.resources,
-                                                        quiet=cfg.cluster.quiet))
+                                                        quiet=cfg.cluster.quiet, callbacks=callbacks))
     t_fit = time.perf_counter()
     metrics = common.fit(trainer)
     metrics["fit_s"] = time.perf_counter() - t_fit

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from stemqa.config import to_yaml
-from stemqa.tune.space import Space, apply_values, flat_params, split_trial
+from stemqa.tune.space import TRIAL_PREFIX, Space, apply_values, flat_params, split_trial
 
 # Extra metrics shown when a stage reports them (besides the target metric).
 EXTRA = {
@@ -159,18 +159,23 @@ def plot_results(rows: list[dict], space: Space, plot_dir: Path) -> list[Path]:
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     sw, out = space.sweep, []
-    for path in space.swept_paths():
+    for path in [p for p in space.swept_paths() if not p.startswith(TRIAL_PREFIX)]:  # not fault injection
         spec = sw.params.get(path)
         numeric = all(isinstance(r["_values"].get(path), (int, float)) and not isinstance(r["_values"].get(path), bool)
                       for r in rows)
         cats = sorted({json.dumps(r["_values"].get(path), sort_keys=True) for r in rows}) if not numeric else []
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for status, (color, marker) in STYLE.items():
-            pts = [r for r in rows if r["status"] == status and isinstance(r.get(sw.metric), (int, float))]
+            of_status = [r for r in rows if r["status"] == status]
+            pts = [r for r in of_status if isinstance(r.get(sw.metric), (int, float))]
             xs = [r["_values"].get(path) if numeric else cats.index(json.dumps(r["_values"].get(path), sort_keys=True))
                   for r in pts]
-            ax.scatter(xs, [r[sw.metric] for r in pts], c=color, marker=marker, label=f"{status} ({len(pts)})")
-        if numeric and spec is not None and spec.kind == "loguniform":
+            note = "" if len(pts) == len(of_status) else f", {len(of_status) - len(pts)} without {sw.metric}"
+            ax.scatter(xs, [r[sw.metric] for r in pts], c=color, marker=marker,
+                       label=f"{status} ({len(of_status)}{note})")
+        values = [r["_values"].get(path) for r in rows]
+        if numeric and ((spec is not None and spec.kind == "loguniform")
+                        or (min(values) > 0 and max(values) / min(values) >= 100)):  # values decades apart
             ax.set_xscale("log")
         if not numeric:
             ax.set_xticks(range(len(cats)), [c if len(c) < 24 else c[:21] + "..." for c in cats], fontsize=7,

@@ -122,8 +122,28 @@ def run_trial(params: dict, space: Space, inputs: dict) -> None:
     ray.tune.report(summary)
 
 
+def _let_train_clean_up_stopped_runs() -> None:
+    """Give Ray Train's placement-group cleaner the address of this cluster.
+
+    A trial that ASHA stops is killed, and its Train controller with it; the Train workers' placement group is
+    then removed by a detached `PlacementGroupCleaner` that polls the controller through the State API. Without
+    RAY_ADDRESS that API finds its cluster by looking for running GCS processes, and fails on a machine running
+    several Ray instances ("Found multiple active Ray instances"); measured here: every stopped trial leaked its
+    workers' CPUs and the sweep deadlocked after two stops. Train copies the variables named in
+    ENV_VARS_TO_PROPAGATE from this process to the controller, whose runtime env the cleaner inherits; Ray
+    offers no public way to add one, hence the addition to that set.
+    """
+    import ray
+    from ray.train.v2._internal import constants
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
+
+
 def _train_trial(cfg, space: Space, inputs: dict, trial_dir: Path, fail_at_step: Optional[int]) -> dict:
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    _let_train_clean_up_stopped_runs()
 
     stage_cfg = getattr(cfg, space.sweep.stage)
     if fail_at_step:
@@ -145,6 +165,7 @@ def _train_trial(cfg, space: Space, inputs: dict, trial_dir: Path, fail_at_step:
                       fail_at_step=fail_at_step, callbacks=callbacks, report_evals=True)
     m = out["metrics"]
     m.pop("sample_ids", None)
+    m.pop("losses", None)  # per-step list: the curve is in the trial's progress.csv
     evals = m.pop("evals", None)
     if evals is not None:  # the per-eval curve, for the DPO plot (also in the trial's progress.csv)
         (trial_dir / "evals.json").write_text(json.dumps(evals))
@@ -237,8 +258,11 @@ def build_tuner(space: Space, out_dir: Path, inputs: dict, verbose: int = 1):
 
     sw = space.sweep
     tune_config = tune.TuneConfig(
-        scheduler=_scheduler(space), num_samples=sw.num_samples, max_concurrent_trials=sw.resources.max_concurrent_trials,
-        search_alg=BasicVariantGenerator(random_state=sw.seed), time_budget_s=sw.time_budget_s,
+        scheduler=_scheduler(space), num_samples=sw.num_samples,
+        # A search_alg given here ignores TuneConfig's max_concurrent_trials, so the generator gets it itself
+        # (measured: without it all trials started at once and waited on each other's Train workers).
+        search_alg=BasicVariantGenerator(random_state=sw.seed, max_concurrent=sw.resources.max_concurrent_trials),
+        time_budget_s=sw.time_budget_s,
         # a fresh trial actor each time: a stopped trial's actor dies with its nested Ray Train run
         reuse_actors=False, trial_dirname_creator=lambda t: t.trial_id,
     )
@@ -252,7 +276,10 @@ def build_tuner(space: Space, out_dir: Path, inputs: dict, verbose: int = 1):
 
 
 def _space_record(space: Space) -> dict:
-    return {"path": space.path, "sweep": space.sweep.model_dump(mode="json"), "base": space.base.model_dump(mode="json")}
+    """What a restore must match: the sweep and the trials' base config (cluster.* says where, not what)."""
+    base = space.base.model_dump(mode="json")
+    base.pop("cluster", None)
+    return {"path": space.path, "sweep": space.sweep.model_dump(mode="json"), "base": base}
 
 
 def run_sweep(space: Space, out_dir: Path, train: Optional[str] = None, pairs: Optional[str] = None,

@@ -1,0 +1,208 @@
+"""Ray Tune sweeps: search spaces checked at load time, and a real sweep on tiny-qwen3 (ASHA stopping trials,
+an injected crash recorded as failed, the driver killed mid-sweep and the sweep restored without re-running
+finished trials), its table, best config and plots."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stemqa.config import ConfigError, load_config
+from stemqa.tune.space import load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repo_spaces_load_with_the_issue_ranges():
+    sft = load_space("sft")
+    assert sft.sweep.params["sft.lr"].loguniform == (1e-8, 1e-4)
+    assert sft.sweep.params["sft.grad_accum"].choice == [1, 2, 4, 8]
+    assert [e["sft.lora"] is None for e in sft.sweep.paired] == [True, False]  # LoRA vs full
+    assert sft.base.sft.max_steps is None  # fixed: epochs decide the length
+    dpo = load_space("dpo")
+    assert dpo.sweep.params["dpo.beta"].grid == [0.07, 0.10, 0.13]
+    assert [e["dpo.loss"] for e in dpo.sweep.paired] == ["sigmoid", "robust", "ipo"]
+    quant = load_space("quant")
+    assert quant.sweep.params["quant.calibration_samples"].grid == [20, 200, 2000]
+    assert {e["quant.method"] for e in quant.sweep.paired} == {"gptq", "smoothquant-gptq"}
+    tiny = load_space("tiny", overrides=["sft.seed=3"])  # --set applies to the base config
+    assert tiny.base.sft.seed == 3 and tiny.base.model.name == "tiny-qwen3"
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("stage: sft\nparams: {sft.lrr: {grid: [1]}}", "params.sft.lrr: unknown config field 'lrr' under sft"),
+    ("stage: sft\nparams: {sft.grad_accum: {choice: [1, 2, 0]}}",
+     "params.sft.grad_accum.choice[2] = 0 is not a valid sft.grad_accum"),
+    ("stage: sft\nparams: {sft.grad_accum: {uniform: [1, 4]}}", "valid integer"),  # float range on an int field
+    ("stage: dpo\nparams: {dpo.loss: [sigmoid, hinge]}", "params.dpo.loss.grid[1] = 'hinge'"),
+    ("stage: sft\npaired: [{sft.lora: {r: 0}}]", "paired[0].sft.lora = {'r': 0}"),
+    ("stage: sft\nfixed: {sft.lr: -1}", "fixed: sft.lr"),
+    ("stage: sft\nparams: {sft.lr: {loguniform: [0, 1]}}", "sft.lr: loguniform: low must be > 0"),
+    ("stage: sft\nmetric: accuracy", "metric 'accuracy' is not reported"),
+    ("stage: sft\nschedulr: {type: asha}", "schedulr: unknown key"),
+    ("stage: quant\nparams: {trial.fail_at_step: [null, 2]}", "needs a training stage"),
+    ("stage: sft\nparams: {trial.crash: [1]}", "unknown trial switch"),
+])
+def test_bad_space_fails_at_load_naming_the_yaml_path(tmp_path, body, expected):
+    path = tmp_path / "space.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as e:
+        load_space(str(path))
+    assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
+
+
+def _experiment_state(exp_dir: Path) -> dict[str, str]:
+    """{trial_id: status} as Tune last saved it (what Tuner.restore starts from)."""
+    state = json.loads(max(exp_dir.glob("experiment_state-*.json"), key=os.path.getmtime).read_text())
+    trials = [json.loads(t) if isinstance(t, str) else t for t, _ in state["trial_data"]]
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+def _events(out: Path, kind: str) -> list[str]:
+    path = out / "events.jsonl"
+    if not path.exists():
+        return []
+    return [e["trial_id"] for e in map(json.loads, path.read_text().splitlines()) if e["event"] == kind]
+
+
+def _rows(summary: dict) -> dict[str, list[dict]]:
+    import csv
+
+    rows = list(csv.DictReader(open(summary["results_csv"])))
+    return {s: [r for r in rows if r["status"] == s] for s in ("completed", "stopped", "failed")}
+
+
+def test_sweep_asha_stops_trials_and_a_crash_is_recorded(ray_local, tmp_path):
+    """tune_spaces/tiny.yaml: 6 SFT trials, each a Ray Train run reporting its eval loss every step. ASHA stops
+    the poor learning rates early, the injected worker crash is one failed trial with its error, the others
+    finish; the table, best config and plots are written and usable."""
+    from stemqa.tune.sweep import run_sweep
+
+    summary = run_sweep(load_space("tiny"), tmp_path / "sweep")
+    assert summary["resumed"] is False
+    by_status = _rows(summary)
+    assert sum(map(len, by_status.values())) == 6
+    assert summary["counts"] == {k: len(v) for k, v in by_status.items()}
+    failed, = by_status["failed"]
+    assert failed["trial.fail_at_step"] == "2" and "died" in failed["error"], failed
+    assert len(by_status["stopped"]) >= 2, by_status  # ASHA: stopped before their last step
+    assert all(int(r["steps"]) < 6 for r in by_status["stopped"])
+    assert by_status["completed"] and all(int(r["steps"]) == 6 for r in by_status["completed"])
+    # the stopped trials are the poor ones: each worse than the best completed trial when it was stopped
+    best = summary["best"]
+    assert float(best["eval_loss"]) == min(float(r["eval_loss"]) for r in by_status["completed"])
+    assert all(float(r["eval_loss"]) > float(best["eval_loss"]) for r in by_status["stopped"])
+    assert float(best["sft.lr"]) >= 1e-3
+
+    cfg = load_config(summary["best_yaml"])  # what `stemqa sft --config best.yaml` does with it
+    assert cfg.sft.lr == pytest.approx(float(best["sft.lr"])) and cfg.model.name == "tiny-qwen3"
+    assert cfg.sft.max_steps == 6  # the space's fixed values are part of the exported config
+    for plot in summary["plots"]:
+        data = Path(plot).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, plot
+    assert {Path(p).name for p in summary["plots"]} == {"eval_loss_vs_sft.lr.png", "eval_loss_by_step.png"}
+    assert not list((tmp_path / "sweep/trials").glob("*/model"))  # keep_models: false
+
+
+@pytest.mark.slow  # the sweep above plus a restart: 3-5 min on 2 CPUs
+def test_sweep_restored_after_driver_kill_does_not_rerun_finished_trials(ray_local, tmp_path):
+    """`stemqa sweep` runs in a subprocess against this test's Ray instance and is killed (SIGKILL) once two
+    trials have finished; the same command's code then restores the sweep from its directory. Trials Tune had
+    saved as finished ran exactly once, the rest ran, and the results cover every trial."""
+    from stemqa.tune.sweep import run_sweep
+
+    out = tmp_path / "sweep"
+    env = dict(os.environ, STEMQA_CLUSTER_DIR=str(tmp_path / "no-cluster"), PYTHONUNBUFFERED="1")
+    address = ray_local.get_runtime_context().gcs_address
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "jobs.sweep", "tiny", "--out", str(out),
+                                   "--address", address], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 400
+            while len(_events(out, "complete")) < 2 and time.time() < deadline and driver.poll() is None:
+                time.sleep(1)
+            assert len(_events(out, "complete")) >= 2, (tmp_path / "driver.log").read_text()[-3000:]
+            time.sleep(2.5)  # experiment state is saved every second (TUNE_GLOBAL_CHECKPOINT_S=1)
+        finally:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+    saved = _experiment_state(out / "tune")
+    finished = {t for t, s in saved.items() if s in ("TERMINATED", "ERROR")}
+    assert len(finished) >= 2 and len(saved) < 6, saved  # trials are generated as slots free up
+    assert not (out / "results.csv").exists()  # the killed driver never got to write results
+
+    summary = run_sweep(load_space("tiny"), out)  # the same directory: Tuner.restore
+    assert summary["resumed"] is True
+    for trial_id in finished:  # run exactly once: before the kill
+        assert len((out / "trials" / trial_id / "starts.jsonl").read_text().splitlines()) == 1, trial_id
+    by_status = _rows(summary)
+    assert sum(map(len, by_status.values())) == 6 and len(by_status["failed"]) == 1
+    assert by_status["completed"] and summary["best_yaml"]
+
+
+def test_best_config_is_accepted_by_the_stage_jobs(tmp_path):
+    """best.yaml is a full config: the stage CLIs load it unchanged (config errors would exit 2 before Ray)."""
+    from stemqa.tune.results import best_config_yaml
+
+    space = load_space("dpo")
+    text = best_config_yaml(space, {"dpo.beta": 0.13, "dpo.loss": "robust", "dpo.label_smoothing": 0.1,
+                                    "dpo.lr": 3e-6, "dpo.grad_accum": 2})
+    (tmp_path / "best.yaml").write_text(text)
+    cfg = load_config(str(tmp_path / "best.yaml"))
+    assert (cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.grad_accum, cfg.dpo.max_steps) == (0.13, "robust", 2, 12)
+    out = subprocess.run([sys.executable, "-m", "stemqa.cli", "config", "--config", str(tmp_path / "best.yaml")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["dpo"]["beta"] == 0.13
+
+
+DPO_SPACE = """stage: dpo
+base: tests/configs/tiny.yaml
+fixed:
+  dpo.max_steps: 4
+  dpo.eval_every: 2
+  dpo.patience: 5
+  dpo.checkpoint_every: 1000
+  dpo.resources: {num_workers: 1, cpus_per_worker: 0.9, zero_stage: 0, max_failures: 0}
+params:
+  dpo.beta: [0.07, 0.13]
+paired:
+  - {dpo.loss: sigmoid}
+  - {dpo.loss: ipo}
+scheduler: {type: asha, grace_period: 2}
+"""
+
+
+@pytest.mark.slow  # 4 DPO trials plus the reference log-probs: 3-5 min on 2 CPUs
+def test_dpo_sweep_reports_val_reward_accuracy_per_eval(ray_local, tmp_path):
+    from stemqa.tune.sweep import run_sweep
+
+    (tmp_path / "dpo.yaml").write_text(DPO_SPACE)
+    summary = run_sweep(load_space(str(tmp_path / "dpo.yaml")), tmp_path / "sweep")
+    by_status = _rows(summary)
+    assert sum(map(len, by_status.values())) == 4 and not by_status["failed"], by_status
+    assert "val_reward_accuracy_by_step.png" in {Path(p).name for p in summary["plots"]}
+    for r in by_status["completed"]:
+        assert 0.0 <= float(r["val_reward_accuracy_best"]) <= 1.0 and int(r["steps"]) == 4
+    cfg = load_config(summary["best_yaml"])
+    assert cfg.dpo.loss in ("sigmoid", "ipo") and cfg.dpo.beta in (0.07, 0.13)
+
+
+@pytest.mark.slow  # starts the two-node local cluster, then the tiny sweep as a Ray job: 4-6 min
+def test_sweep_as_a_ray_job_on_the_local_cluster(local_cluster, tmp_path):
+    env = dict(local_cluster["env"])
+    out = subprocess.run(
+        [sys.executable, "-m", "stemqa.cli", "submit", "sweep", "tiny", "--address", local_cluster["dashboard"],
+         "--set", f"cluster.storage_path={tmp_path}", "--timeout", "900"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1000)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweeps = list(tmp_path.glob("sweep-sft-*"))
+    assert len(sweeps) == 1 and (sweeps[0] / "results.csv").exists() and (sweeps[0] / "best.yaml").exists()
+    assert len((sweeps[0] / "results.csv").read_text().splitlines()) == 7  # header + 6 trials
