@@ -94,7 +94,7 @@ start_worker() {
     --object-store-memory "$store" --min-worker-port "$((wbase + 500))" --max-worker-port "$((wbase + 999))" \
     --node-manager-port "$worker_nm_port" --dashboard-agent-listen-port "$((port + 7))" \
     --dashboard-agent-grpc-port "$((port + 8))" --runtime-env-agent-port "$((port + 9))" \
-    --metrics-export-port "$((port + 10))" --temp-dir "$dir/ray-worker" \
+    --metrics-export-port "$((port + 10))" --temp-dir "$dir/rw" \
     --resources '{"worker_node": 1}' --disable-usage-stats >"$dir/worker.log" 2>&1 \
     || { cat "$dir/worker.log" >&2; exit 1; }
 }

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -57,7 +59,9 @@ def ray_local():
 @pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory):
     """The real two-node cluster from cluster/local.sh (head + worker node), on ports of its own."""
-    env = dict(os.environ, STEMQA_CLUSTER_DIR=str(tmp_path_factory.mktemp("cluster")),
+    # a short directory: Ray's unix sockets live under it and their paths may not exceed 107 bytes
+    cluster_dir = tempfile.mkdtemp(prefix="sqc", dir="/tmp")
+    env = dict(os.environ, STEMQA_CLUSTER_DIR=cluster_dir,
                STEMQA_RAY_PORT=os.environ.get("STEMQA_TEST_RAY_PORT", "6410"),
                STEMQA_DASHBOARD_PORT=os.environ.get("STEMQA_TEST_DASHBOARD_PORT", "8276"),
                RAY=str(Path(sys.executable).parent / "ray"))
@@ -70,3 +74,4 @@ def local_cluster(tmp_path_factory):
     address = out.stdout.strip().splitlines()[-1]
     yield {"address": address, "dashboard": f"http://127.0.0.1:{env['STEMQA_DASHBOARD_PORT']}", "env": env}
     subprocess.run(["bash", str(ROOT / "cluster" / "local.sh"), "stop"], env=env, capture_output=True, timeout=120)
+    shutil.rmtree(cluster_dir, ignore_errors=True)
