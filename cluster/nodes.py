@@ -56,6 +56,29 @@ def main(argv=None) -> int:
         return 1
 
 
+def _node_is_dead(node_id: str, wait_s: float = 15.0) -> bool:
+    import ray
+
+    deadline = time.time() + wait_s
+    while True:  # the GCS marks a node dead a few seconds after its worker processes are gone
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        if node_id not in alive or time.time() > deadline:
+            return node_id not in alive
+        time.sleep(0.5)
+
+
+def _describe_failure(error, node_id: str) -> str:
+    """One line for a failed task. When a node is stopped, Ray reports either NodeDiedError or, if the task's
+    worker process is killed first, WorkerCrashedError; asking the GCS whether the node is gone names the cause
+    the same way in both cases."""
+    import ray
+
+    first = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    if isinstance(error, ray.exceptions.NodeDiedError) or not _node_is_dead(node_id):
+        return first
+    return f"NodeDiedError: node {node_id[:12]} left the cluster while its task ran ({first})"
+
+
 class NodeFailure(RuntimeError):
     """Work pinned to a node did not finish (the node died, or the bounded wait ran out)."""
 
@@ -84,7 +107,7 @@ def _check(run, nodes: list, args) -> int:
                 try:
                     row.update(ray.get(ref))
                 except ray.exceptions.RayError as e:
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                    row["error"] = _describe_failure(e, node["NodeID"])
             if "error" in row:
                 errors.append(f"node {node['NodeID'][:12]} ({', '.join(custom) or 'no custom resources'}): {row['error']}")
             placement.append(row)

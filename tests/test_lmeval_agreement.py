@@ -27,14 +27,27 @@ def mmlu_slice(root, per_subject: int, subjects=("college_physics", "high_school
     return recs
 
 
-def check_agreement(model: str, records: list[MCQ], tmp_path, header: bool, ll_tol: float) -> None:
+def mmlu_dev(root, records: list[MCQ], k: int) -> dict[str, list[MCQ]]:
+    return {s: load_file(root / "mcq" / "mmlu" / "dev" / f"{s}_dev.csv", "mmlu_csv", limit=k)[0]
+            for s in {q.subject for q in records}}
+
+
+def check_agreement(model: str, records: list[MCQ], tmp_path, header: bool, ll_tol: float,
+                    dev: dict[str, list[MCQ]] | None = None, k: int = 0) -> None:
     from stemqa.eval.lmeval_task import run_lmeval
+    from stemqa.eval.run import score_records
     from stemqa.models import resolve_model
 
-    theirs = run_lmeval(str(resolve_model(model)), records, tmp_path / "task", header=header)
-    # lm-eval rendered exactly our harness prompt
-    assert theirs["contexts"] == [harness_prompt(q, header=header) for q in records]
-    ours = load_scorer(model, batch_size=8).score(records, header=header)
+    theirs = run_lmeval(str(resolve_model(model)), records, tmp_path / "task", header=header, fewshot=dev,
+                        num_fewshot=k)
+    # lm-eval rendered exactly our harness prompt (k-shot: the subject's first k dev questions)
+    assert theirs["contexts"] == [harness_prompt(q, fewshot=(dev or {}).get(q.subject, ())[:k], header=header)
+                                  for q in records]
+    scorer = load_scorer(model, batch_size=8)
+    ours = score_records(scorer, records, fewshot={s: v[:k] for s, v in (dev or {}).items()}, header=header,
+                         progress=False)
+    if k:  # the shared k-shot prefix came from the KV cache, not a full pass per question
+        assert scorer._prefix is not None and len(scorer._prefix[0]) > 100
     same = sum(p.pred == t for p, t in zip(ours, theirs["pred"]))
     assert same / len(records) >= 0.99, f"{same}/{len(records)} predictions agree"
     worst = max(abs(a - b) for p, row in zip(ours, theirs["loglikelihoods"]) for a, b in zip(p.loglikelihoods, row))
@@ -47,6 +60,12 @@ def test_agrees_with_lmeval_tiny(tiny_model, tmp_path):
     records = mmlu_slice(SAMPLE_DATA, per_subject=3)
     records += load_file(SAMPLE_DATA / "mcq/qasc/dev.jsonl", "arc_jsonl", limit=2)[0]  # 8 options
     check_agreement("tiny-qwen3", records, tmp_path, header=True, ll_tol=1e-3)
+
+
+def test_agrees_with_lmeval_5shot_with_prefix_cache(tiny_model, tmp_path):
+    records = mmlu_slice(SAMPLE_DATA, per_subject=3, subjects=("college_physics", "high_school_biology"))
+    check_agreement("tiny-qwen3", records, tmp_path, header=True, ll_tol=1e-3, dev=mmlu_dev(SAMPLE_DATA, records, 5),
+                    k=5)
 
 
 @pytest.mark.slow
