@@ -82,6 +82,9 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quie
         # actor pools: "constructor arguments in the object store and max_restarts > 0"); task and actor
         # failures still reach the driver as exceptions, and workers keep their own logs.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        # Ray Data re-applies its own logging config when it is first used, over any level set here; its env
+        # var wins over that config ("Dataset ... execution finished" INFO lines, the progress-bar warning)
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     import ray  # after the env above, which Ray reads when it starts
 
     if ray.is_initialized():
