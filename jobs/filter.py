@@ -33,7 +33,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         with run.stage("filter", inputs={"records": args.records or "data.train"},
                        config=cfg.filter.model_dump(mode="json")) as st:
             result = run_filter(records, targets, cfg.filter, st.dir)
-            for key in ("kept_path", "scores_path", "histogram"):
+            for key in ("kept_path", "scores_path", "histogram", "embeddings"):
                 if result[key]:
                     st.add_artifact(key.removesuffix("_path"), result[key])
             st.add_metrics(kept=result["kept"], total=result["total"], counts=result["counts"])

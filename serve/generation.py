@@ -62,10 +62,11 @@ class Generator:
 
     @torch.inference_mode()
     def prompt_logprobs(self, prompts: list[list[int]]) -> list[torch.Tensor]:
-        """Per prompt, [len-1, vocab] log-probs of each next token, in one left-padded forward pass."""
+        """Per prompt, [len, vocab] log-probs of the token after each position (row i: log p(. | ids[:i+1])),
+        in one left-padded forward pass; the last row is the distribution of the first new token."""
         keep = max(len(p) for p in prompts)
         rows = self.scorer._last_logprobs(prompts, keep)
-        return [row[keep - len(p):][:-1] for row, p in zip(rows, prompts)]
+        return [row[keep - len(p):] for row, p in zip(rows, prompts)]
 
     @torch.inference_mode()
     def generate(self, ids: list[int], max_tokens: int, temperature: float, top_p: float,
@@ -91,10 +92,16 @@ class Generator:
         """OpenAI completion `choices` for each prompt (token ids or text)."""
         encoded = [self.encode(p) for p in prompts]
         stops = _stop_list(stop)
-        echo_rows = self.prompt_logprobs(encoded) if echo and logprobs is not None else [None] * len(encoded)
+        full = self.prompt_logprobs(encoded) if echo and logprobs is not None else [None] * len(encoded)
         choices = []
-        for i, (ids, rows) in enumerate(zip(encoded, echo_rows)):
-            new, new_rows = self.generate(ids, max_tokens, temperature, top_p, seed)
+        for i, (ids, rows) in enumerate(zip(encoded, full)):
+            if rows is not None and max_tokens == 1 and temperature == 0:
+                # lm-eval's loglikelihood request (echo, logprobs, max_tokens=1, greedy): the one new token is
+                # the argmax of the echo pass's last row, so no second forward pass over the whole prompt
+                new, new_rows = [int(rows[-1].argmax())], rows[-1:]
+            else:
+                new, new_rows = self.generate(ids, max_tokens, temperature, top_p, seed)
+            rows = rows[:-1] if rows is not None else None
             text, stopped = cut_at_stop(self.tok.decode(new, skip_special_tokens=True), stops)
             eos = bool(new) and new[-1] == self.tok.eos_token_id
             choice = {"index": i, "text": (self.tok.decode(ids) if echo else "") + text,

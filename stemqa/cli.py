@@ -12,6 +12,7 @@ COMMANDS = {
     "sft": ("jobs.sft", "supervised fine-tuning (full or LoRA) on Ray Train + DeepSpeed"),
     "dpo": ("jobs.dpo", "DPO (sigmoid/robust/ipo) on Ray Train + DeepSpeed, reference log-probs precomputed"),
     "quantize": ("jobs.quantize", "quantize a model (GPTQ, SmoothQuant+GPTQ, bitsandbytes, int8, QAT)"),
+    "quant": ("stemqa.cli:quant_main", "quantization tools: `quant report` = accuracy / memory / speed table + figure"),
     "rag": ("jobs.rag", "build the RAG corpus and FAISS index with Ray Data; query it"),
     "eval": ("jobs.eval", "MCQA accuracy by answer-letter log-likelihood (lm-eval compatible)"),
     "serve": ("jobs.serve", "start the Ray Serve app (RAG + model) and answer over HTTP"),
@@ -23,6 +24,49 @@ COMMANDS = {
     "jobs": ("jobs.submit:list_main", "list the Ray jobs on a cluster and their status"),
     "stop": ("jobs.submit:stop_main", "stop a Ray job by id"),
 }
+
+
+def quant_main(argv=None) -> int:
+    """`stemqa quant report ...`: argument parsing only; the work is stemqa.quant.report.report."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="stemqa quant", description="quantization tools")
+    sub = p.add_subparsers(dest="action", required=True)
+    r = sub.add_parser("report", help="quantize with each method, measure accuracy / size / memory / speed, "
+                       "write CSV, markdown and a trade-off PNG")
+    r.add_argument("--model", default="smollm2-135m-instruct")
+    r.add_argument("--out", default="benchmarks/out/quant", help="output directory")
+    r.add_argument("--settings", default=None, help="comma-separated settings (default: %(default)s = the "
+                   "standard set); known: gptq-w4, gptq-w8, smoothquant-w8a8, smoothquant-w4a8, int8-weight, "
+                   "bnb-8bit, bnb-4bit, qat-w4, qat-w2")
+    r.add_argument("--n-mmlu", type=int, default=100, help="MMLU STEM questions")
+    r.add_argument("--n-arc", type=int, default=100, help="ARC-Easy test questions")
+    r.add_argument("--group-size", type=int, default=64)
+    r.add_argument("--calib-samples", type=int, default=200, help="calibration / QAT samples of calibrated rows")
+    r.add_argument("--calib-study", default="", help="extra gptq-w4 rows with these |C|, e.g. 20,200,2000")
+    r.add_argument("--qat-steps", type=int, default=None, help="QAT training steps (default: quant.qat_steps)")
+    r.add_argument("--threads", type=int, default=2, help="torch threads of each measuring process")
+    r.add_argument("--gen-tokens", type=int, default=32)
+    r.add_argument("--gen-batch", type=int, default=8, help="the larger generation batch")
+    r.add_argument("--keep-models", action="store_true", help="keep the quantized model directories")
+    args = p.parse_args(argv)
+
+    from stemqa.quant.report import DEFAULT_SETTINGS, report
+
+    names = args.settings.split(",") if args.settings else DEFAULT_SETTINGS
+    study = [int(c) for c in args.calib_study.split(",") if c]
+    command = "stemqa quant " + " ".join(argv if argv is not None else sys.argv[2:])
+    try:
+        res = report(args.model, args.out, names, args.n_mmlu, args.n_arc, calib_samples=args.calib_samples,
+                     calib_study=study, group_size=args.group_size, qat_steps=args.qat_steps, threads=args.threads,
+                     gen_tokens=args.gen_tokens, gen_batch=args.gen_batch, keep_models=args.keep_models,
+                     command=command)
+    except ValueError as e:
+        print(f"stemqa quant: {e}", file=sys.stderr)
+        return 2
+    print(open(res["paths"]["md"]).read())
+    print("\n".join(f"{k}: {v}" for k, v in res["paths"].items()))
+    return 0
 
 
 def usage() -> str:

@@ -2,7 +2,7 @@
 
 `embed_texts(texts, cfg)` runs `from_items -> map_batches(_EmbedBatch)` on an actor pool: each actor loads the
 sentence-transformers model once (through `stemqa.models.load_embedder`) and encodes whole batches. Vectors are
-L2-normalised float32, returned in input order.
+L2-normalised float32, returned in input order (the job embeds them shortest first, to pad less).
 
 Sizing (measured on 2 CPUs, see shared/notes/ray-on-small-machines.md): `from_items` has no read stage, and
 actors default to 0.5 CPU, so the job cannot deadlock on a 2-CPU machine; each actor sets torch's thread count
@@ -64,7 +64,11 @@ def embedding_dataset(texts: list[str], cfg: EmbedConfig):
     if not ray.is_initialized():
         raise RuntimeError("embed_texts: Ray is not initialised (call stemqa.ray_utils.init_ray first)")
     DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.from_items([{"idx": i, "text": t} for i, t in enumerate(texts)])
+    # Rows go in by length, so each batch pads to a similar length: sentence-transformers sorts only within the
+    # batch it is given, and unsorted batches of real MCQ questions padded to 2.1x their real tokens (3k texts of
+    # benchmarks/bench_embed.py, batches of 64; 1.04x when sorted). `idx` carries the input order back.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    ds = ray.data.from_items([{"idx": i, "text": texts[i]} for i in order])
     return ds.map_batches(
         _EmbedBatch,
         fn_constructor_kwargs={"embedder": cfg.embedder, "cpus": cfg.cpus_per_actor,
@@ -87,12 +91,12 @@ def embed_texts(texts: Sequence[str], cfg: EmbedConfig) -> np.ndarray:
         vec_parts.append(np.asarray(batch["embedding"], dtype=np.float32))
     idx = np.concatenate(idx_parts)
     vectors = np.concatenate(vec_parts)
-    # preserve_order keeps rows in order; the carried index makes that a checked fact, not an assumption.
-    if len(idx) != len(texts) or not np.array_equal(idx, np.arange(len(texts))):
-        order = np.argsort(idx, kind="stable")
-        idx, vectors = idx[order], vectors[order]
-        if not np.array_equal(idx, np.arange(len(texts))):
-            raise RuntimeError(f"embed_texts: got {len(idx)} embeddings back for {len(texts)} texts")
+    # Rows come back in length order (see embedding_dataset); the carried index puts them in input order and
+    # checks that every text came back exactly once.
+    order = np.argsort(idx, kind="stable")
+    idx, vectors = idx[order], vectors[order]
+    if not np.array_equal(idx, np.arange(len(texts))):
+        raise RuntimeError(f"embed_texts: got {len(idx)} embeddings back for {len(texts)} texts")
     return np.ascontiguousarray(vectors)
 
 

@@ -59,3 +59,49 @@ def test_dpo_run_gives_metrics_and_model(ray_local, shared_data, tiny_model, tmp
     again = reference_logps(tmp_path / "pairs", tiny_model, pairs, cfg.dpo)
     assert again["computed"] is False
     assert load_causal_lm(result["model_dir"], device="cpu") is not None
+
+
+DPO_RESUME = ["model.name=tiny-qwen3", "dpo.lr=1e-3", "dpo.max_steps=5", "dpo.eval_every=2", "dpo.patience=10",
+              "dpo.checkpoint_every=2", "dpo.grad_accum=2", "dpo.split_sizes=[16,8,0]", "dpo.max_len=192"]
+
+
+@pytest.fixture(scope="module")
+def dpo_clean(ray_local, shared_data, tiny_model, tmp_path_factory):
+    """Pairs (reference log-probs computed once) and an uninterrupted 5-step run with the sample ids logged."""
+    tmp = tmp_path_factory.mktemp("dpo_resume")
+    cfg = load_config("demo", DPO_RESUME + ["dpo.resources.max_failures=1"])
+    prepare_pairs(["aqua:mcq/aqua_rat/dev.json"], shared_data, load_tokenizer(tiny_model), cfg.dpo, tmp / "pairs")
+    clean = run_dpo(cfg, tmp / "pairs", tmp / "clean", "tiny-qwen3", log_sample_ids=True)["metrics"]
+    return {"tmp": tmp, "cfg": cfg, "metrics": clean}
+
+
+@pytest.mark.slow
+def test_dpo_resumes_after_worker_death_with_identical_sample_order(dpo_clean):
+    """A worker dies after step 3; Ray Train restarts it from the step-2 checkpoint; the pair ids trained on, in
+    order, the losses and the validations equal those of the uninterrupted run."""
+    tmp, cfg, clean = dpo_clean["tmp"], dpo_clean["cfg"], dpo_clean["metrics"]
+    crashed = run_dpo(cfg, tmp / "pairs", tmp / "crash", "tiny-qwen3", log_sample_ids=True, fail_at_step=3)["metrics"]
+    assert len(clean["sample_ids"]) == 5 * 2 and len(clean["sample_ids"][0]) == 1  # 2 micro-batches of 1 per step
+    assert clean["resumed_from_step"] is None and crashed["resumed_from_step"] == 2
+    assert crashed["sample_ids"] == clean["sample_ids"]
+    assert crashed["steps"] == clean["steps"] == 5
+    assert crashed["losses"] == pytest.approx(clean["losses"], rel=1e-3)
+    assert [e["step"] for e in crashed["evals"]] == [e["step"] for e in clean["evals"]] == [0, 2, 4, 5]
+    assert crashed["val_reward_accuracy_best"] == pytest.approx(clean["val_reward_accuracy_best"])
+
+
+@pytest.mark.slow
+def test_dpo_resubmitted_crashed_or_finished_run_resumes(dpo_clean):
+    """A run that crashed for good (max_failures=0), submitted again under the same name, continues from its last
+    checkpoint with the same pairs in the same order; a finished one submitted again trains nothing more."""
+    tmp, clean = dpo_clean["tmp"], dpo_clean["metrics"]
+    cfg = load_config("demo", DPO_RESUME + ["dpo.resources.max_failures=0"])
+    with pytest.raises(Exception):
+        run_dpo(cfg, tmp / "pairs", tmp / "crash0", "tiny-qwen3", log_sample_ids=True, fail_at_step=3)
+    again = run_dpo(cfg, tmp / "pairs", tmp / "crash0", "tiny-qwen3", log_sample_ids=True)["metrics"]
+    assert again["resumed_from_step"] == 2 and again["steps"] == 5 and again["ref_logps_computed"] is False
+    assert again["sample_ids"] == clean["sample_ids"]
+    assert again["losses"] == pytest.approx(clean["losses"], rel=1e-3)
+    finished = run_dpo(dpo_clean["cfg"], tmp / "pairs", tmp / "clean", "tiny-qwen3", log_sample_ids=True)["metrics"]
+    assert finished["resumed_from_step"] == 5 and finished["losses"] == clean["losses"]
+    assert finished["sample_ids"] == clean["sample_ids"]

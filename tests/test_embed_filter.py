@@ -99,6 +99,10 @@ def test_filter_scores_equal_brute_force_max_cosine(ray_local, minilm, shared_da
         assert result["counts"][source] == {"kept": sum(flags), "dropped": len(flags) - sum(flags)}
     with open(result["histogram"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    ids, vectors, embedder = load_embeddings(result["embeddings"])  # every embedded text, with its id
+    assert embedder == "all-MiniLM-L6-v2" and len(ids) == len(vectors) == len(pool) + 20
+    assert ids[0] == f"sample:{pool[0].id}" and ids[len(pool)] == f"mmlu:{targets['mmlu'][0].id}"
+    np.testing.assert_allclose(vectors[: len(pool)], sample_vecs, atol=1e-4)
 
 
 def test_filter_that_keeps_nothing_fails_clearly(ray_local, tmp_path):

@@ -36,8 +36,10 @@ def _trl_loss(loss_type, per_token, completion_mask, ref_chosen, ref_rejected, b
     return DPOTrainer._compute_loss(fake_self, model, inputs, return_outputs=False)
 
 
-@pytest.mark.parametrize("loss_type,beta,eps", [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0), ("robust", 0.1, 0.2),
-                                                ("robust", 0.3, 0.0), ("ipo", 0.1, 0.0), ("ipo", 0.5, 0.0)])
+@pytest.mark.parametrize("loss_type,beta,eps", [
+    ("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0), ("sigmoid", 0.1, 0.2),  # TRL 1.16's sigmoid ignores ε
+    ("robust", 0.1, 0.2), ("robust", 0.3, 0.0), ("robust", 0.5, 0.1), ("robust", 0.1, 0.45),
+    ("ipo", 0.1, 0.0), ("ipo", 0.5, 0.0), ("ipo", 0.1, 0.2)])
 def test_losses_equal_trl(loss_type, beta, eps):
     g = torch.Generator().manual_seed(0)
     n, width = 6, 12
@@ -52,6 +54,30 @@ def test_losses_equal_trl(loss_type, beta, eps):
     logps, lens = per_token.sum(1), completion_mask.sum(1)
     ours = dpo_loss(loss_type, logps[:n], logps[n:], ref_chosen, ref_rejected, beta, eps, lens[:n], lens[n:])
     assert torch.allclose(ours["losses"].mean(), trl_loss, atol=1e-6), (ours["losses"].mean(), trl_loss)
+
+
+def test_robust_is_not_conservative_dpo():
+    """ε > 0 changes robust's value, and not into cDPO's (1−ε)·(−log σ(βh)) + ε·(−log σ(−βh))."""
+    import torch.nn.functional as F
+
+    h = torch.tensor([2.0, -1.0, 0.5])
+    z = torch.zeros(3)
+    plain = dpo_loss("robust", h, z, z, z, beta=0.5)["losses"]
+    robust = dpo_loss("robust", h, z, z, z, beta=0.5, label_smoothing=0.2)["losses"]
+    cdpo = -0.8 * F.logsigmoid(0.5 * h) - 0.2 * F.logsigmoid(-0.5 * h)
+    assert torch.allclose(plain, dpo_loss("sigmoid", h, z, z, z, beta=0.5)["losses"])
+    assert not torch.allclose(robust, plain) and not torch.allclose(robust, cdpo)
+
+
+def test_config_rejects_smoothing_that_would_be_ignored():
+    from pydantic import ValidationError
+
+    from stemqa.config.schema import DPOConfig
+
+    assert DPOConfig(loss="robust", label_smoothing=0.1).label_smoothing == 0.1
+    for loss in ("sigmoid", "ipo"):
+        with pytest.raises(ValidationError, match=f"label_smoothing=0.1 has no effect with dpo.loss='{loss}'"):
+            DPOConfig(loss=loss, label_smoothing=0.1)
 
 
 def test_rewards_and_accuracy():

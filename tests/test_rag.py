@@ -192,6 +192,14 @@ def test_rag_query_cli(built, capsys):
     assert out[0]["question"] == "What is climate described by?" and len(out[0]["passages"]) == 2
 
 
+def test_rag_tune_embedder_cli_needs_out(capsys):
+    from jobs.rag import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["tune-embedder", "--config", "demo"])
+    assert exc.value.code == 2 and "rag tune-embedder needs --out DIR" in capsys.readouterr().err
+
+
 def _mcq(i, subject):
     from stemqa.data.mcq import MCQ
 

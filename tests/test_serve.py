@@ -146,6 +146,34 @@ def test_check_mcqa_limits_without_a_server():
         check_mcqa(MCQARequest(question="q", choices=list("abcd")), max_choices=3, max_chars=10)
 
 
+def test_length_groups_bound_the_padding():
+    from serve.deployments import length_groups
+
+    lengths = [136, 46, 90, 91, 50, 125, 86, 47, 52, 112, 110, 60]
+    groups = length_groups(lengths, max_waste=0.10)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # every item once
+    for g in groups:
+        assert lengths[g[0]] == max(lengths[i] for i in g)  # the group is padded to its first (longest)
+        assert len(g) * lengths[g[0]] <= 1.10 * sum(lengths[i] for i in g)
+    assert len(groups) < len(lengths)  # similar lengths do share a forward pass
+    assert length_groups([70] * 16) == [list(range(16))]  # equal lengths: one pass, no padding
+    assert length_groups([]) == []
+
+
+def test_scorer_stats_count_the_requests(app_url):
+    """The scorer's counters (read by the benchmark) see every scored request, with one torch thread per CPU."""
+    from ray import serve
+
+    scorer = serve.get_deployment_handle("Scorer", app_name="stemqa")
+    before = scorer.stats.remote().result(timeout_s=60)
+    responses = asyncio.run(_burst(app_url, 6))
+    assert all(r.status_code == 200 for r in responses)
+    after = scorer.stats.remote().result(timeout_s=60)
+    assert after["items"] - before["items"] == 6
+    assert 1 <= after["forward_passes"] - before["forward_passes"] <= 6
+    assert after["torch_threads"] == 1 and after["pid"] > 0  # serve.cpus_per_replica=0.5 -> 1 thread
+
+
 # --- OpenAI-compatible endpoints -------------------------------------------------------------------------
 def test_completions_echo_logprobs_equal_the_scorer(app_url, tiny_model):
     """echo + logprobs: the prompt's token log-probs sum to MCQScorer.loglikelihoods of the same pair."""

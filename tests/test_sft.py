@@ -5,7 +5,7 @@ import torch
 from stemqa.config import load_config
 from stemqa.data.mcq import MCQ, load_file, write_records
 from stemqa.models.loader import load_causal_lm, load_tokenizer
-from stemqa.train.sft import collate, completion_loss, encode_mcq, run_sft
+from stemqa.train.sft import collate, completion_loss, encode_mcq, pack, packed_token_logps, run_sft
 
 Q = MCQ("q1", "physics", "What is the unit of force?", ["joule", "newton", "watt", "pascal"], 1, "t")
 Q2 = MCQ("q2", "college_chemistry", "Which is a noble gas? " * 5, ["neon", "iron"], 0, "t")
@@ -43,6 +43,37 @@ def test_completion_loss_equals_hf_masked_labels_loss(tiny_model):
     assert abs(unmasked - ours.item()) > 1e-3
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_row_blocks_cross_sample_attention(tiny_model, attn):
+    """A packed row gives every completion token the log-prob a separate forward of its own sample gives, so no
+    sample sees another; the same row with a plain all-ones mask (attention across samples) does not."""
+    tok = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model, device="cpu", attn_implementation=attn)
+    samples = [encode_mcq(tok, q, 512) for q in (Q, Q2, MCQ("q3", "math", "2 + 2 = ?", ["3", "4", "5"], 1, "t"))]
+    batch = pack(samples)
+    assert batch["input_ids"].shape[0] == 1 and batch["position_ids"][0, 0] == 0
+    assert batch["input_ids"].shape[1] == sum(len(s["prompt"]) + len(s["completion"]) for s in samples)
+    with torch.no_grad():
+        packed = packed_token_logps(model, batch)
+        separate = []
+        for s in samples:
+            ids = torch.tensor([s["prompt"] + s["completion"]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            at = torch.arange(len(s["prompt"]), ids.shape[1])
+            separate.append(logp[at - 1, ids[0, at]])
+        separate = torch.cat(separate)
+        leaky = model(input_ids=batch["input_ids"], attention_mask=torch.ones_like(batch["input_ids"]),
+                      position_ids=batch["position_ids"], logits_to_keep=batch["logits_index"]).logits[0]
+        leaky = -torch.nn.functional.cross_entropy(leaky.float(), batch["targets"], reduction="none")
+    assert batch["sample_of"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.allclose(packed, separate, atol=1e-4), (packed, separate)
+    assert (leaky[2:] - separate[2:]).abs().max() > 1e-3  # later samples would see earlier ones
+    with torch.no_grad():  # the packed loss equals the padded (unpacked) batch's loss
+        padded, n = completion_loss(model, collate(samples, tok.pad_token_id))
+        packed_loss, n_packed = completion_loss(model, collate(samples, tok.pad_token_id, packing=True))
+    assert n == n_packed == 6 and abs(float(padded) - float(packed_loss)) < 1e-4
+
+
 @pytest.mark.slow  # Ray Train start-up alone is ~45 s on 2 CPUs; 80-180 s in all here
 def test_sft_run_saves_loadable_model_and_loss_falls(ray_local, shared_data, tiny_model, tmp_path):
     records, _ = load_file(shared_data / "mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", source="arc",
@@ -64,19 +95,50 @@ def test_sft_run_saves_loadable_model_and_loss_falls(ray_local, shared_data, tin
     assert (tmp_path / "out/model/model.safetensors").exists() and (tmp_path / "out/model/tokenizer.json").exists()
 
 
-@pytest.mark.slow
-def test_sft_resumes_after_worker_death_with_identical_sample_order(ray_local, shared_data, tmp_path):
-    """A worker dies after step 3; Ray Train restarts from the step-2 checkpoint; the ids trained on, in order,
-    and the losses equal those of an uninterrupted run (nothing skipped, nothing trained twice)."""
+RESUME_OVERRIDES = ["model.name=tiny-qwen3", "sft.lr=1e-3", "sft.max_steps=5", "sft.checkpoint_every=2",
+                    "sft.eval_fraction=0.0", "sft.grad_accum=2"]
+
+
+@pytest.fixture(scope="module")
+def sft_clean(ray_local, shared_data, tmp_path_factory):
+    """An uninterrupted 5-step run (2 workers, 2 micro-batches of 2 per step), ids logged: what resumes must equal."""
+    tmp = tmp_path_factory.mktemp("sft_resume")
     records, _ = load_file(shared_data / "mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", source="arc",
                            subject="science", limit=24)
-    write_records(records, tmp_path / "train.jsonl")
-    cfg = load_config("demo", ["model.name=tiny-qwen3", "sft.lr=1e-3", "sft.max_steps=5", "sft.checkpoint_every=2",
-                               "sft.eval_fraction=0.0", "sft.grad_accum=2", "sft.resources.max_failures=1"])
-    clean = run_sft(cfg, tmp_path / "train.jsonl", tmp_path / "clean", log_sample_ids=True)["metrics"]
-    crashed = run_sft(cfg, tmp_path / "train.jsonl", tmp_path / "crash", log_sample_ids=True,
-                      fail_at_step=3)["metrics"]
+    write_records(records, tmp / "train.jsonl")
+    cfg = load_config("demo", RESUME_OVERRIDES + ["sft.resources.max_failures=1"])
+    result = run_sft(cfg, tmp / "train.jsonl", tmp / "clean", log_sample_ids=True)
+    return {"tmp": tmp, "cfg": cfg, "metrics": result["metrics"]}
+
+
+@pytest.mark.slow
+def test_sft_resumes_after_worker_death_with_identical_sample_order(sft_clean):
+    """A worker dies after step 3; Ray Train restarts from the step-2 checkpoint; the ids trained on, in order,
+    and the losses equal those of an uninterrupted run (nothing skipped, nothing trained twice)."""
+    tmp, cfg, clean = sft_clean["tmp"], sft_clean["cfg"], sft_clean["metrics"]
+    crashed = run_sft(cfg, tmp / "train.jsonl", tmp / "crash", log_sample_ids=True, fail_at_step=3)["metrics"]
     assert len(clean["sample_ids"]) == 5 and len(clean["sample_ids"][0]) == 2 * 2  # 2 micro-batches of 2
+    assert clean["resumed_from_step"] is None and crashed["resumed_from_step"] == 2
     assert crashed["sample_ids"] == clean["sample_ids"]
     assert crashed["steps"] == clean["steps"] == 5
     assert crashed["train_loss_last"] == pytest.approx(clean["train_loss_last"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_sft_resubmitted_crashed_or_finished_run_resumes(sft_clean):
+    """A run that crashed for good (max_failures=0) and is submitted again under the same name continues from its
+    last checkpoint; a finished one submitted again trains nothing more. The resumed run uses packing, which
+    trains on the same samples with the same loss, so its losses equal the unpacked clean run's."""
+    tmp, clean = sft_clean["tmp"], sft_clean["metrics"]
+    cfg = load_config("demo", RESUME_OVERRIDES + ["sft.resources.max_failures=0", "sft.packing=true"])
+    with pytest.raises(Exception):
+        run_sft(cfg, tmp / "train.jsonl", tmp / "crash0", log_sample_ids=True, fail_at_step=3)
+    again = run_sft(cfg, tmp / "train.jsonl", tmp / "crash0", log_sample_ids=True)["metrics"]
+    assert again["resumed_from_step"] == 2 and again["steps"] == 5
+    assert again["sample_ids"] == clean["sample_ids"]
+    assert again["losses"] == pytest.approx(clean["losses"], rel=1e-3)
+    assert again["tokens"] == clean["tokens"]  # real tokens in both layouts: packing adds and drops none
+    finished = run_sft(sft_clean["cfg"], tmp / "train.jsonl", tmp / "clean", log_sample_ids=True)["metrics"]
+    assert finished["resumed_from_step"] == 5 and finished["sample_ids"] == clean["sample_ids"]
+    assert finished["losses"] == clean["losses"]
+    assert load_causal_lm(str(tmp / "clean/model"), device="cpu") is not None

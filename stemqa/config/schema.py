@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -119,7 +119,11 @@ class SFTConfig(Section):
     max_seq_len: int = Field(512, ge=16, description="Sequences are truncated to this many tokens.")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Linear warm-up share of the steps.")
     lora: Optional[LoraConfig] = Field(None, description="LoRA adapters; null = full fine-tuning.")
-    packing: bool = Field(False, description="Pack samples into sequences, without cross-sample attention.")
+    packing: bool = Field(
+        False, description="Padding-free packing: each micro-batch of batch_size samples is one row with position_ids "
+        "restarting per sample (transformers' DataCollatorWithFlattening), which transformers turns into a "
+        "block-diagonal mask (sdpa/eager) or FlashAttention varlen, so samples never attend to each other. Same "
+        "samples, order and loss as unpacked; no padding tokens are computed.")
     checkpoint_every: int = Field(50, ge=1, description="Report a checkpoint every N optimizer steps.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the data held out for the eval loss.")
     seed: int = Field(0, description="Seed for data order and initialisation.")
@@ -128,9 +132,14 @@ class SFTConfig(Section):
 
 class DPOConfig(Section):
     enabled: bool = Field(True, description="Run this stage in the pipeline.")
-    loss: Literal["sigmoid", "robust", "ipo"] = Field("sigmoid", description="DPO loss, as defined in TRL.")
+    loss: Literal["sigmoid", "robust", "ipo"] = Field(
+        "sigmoid", description="DPO loss, as defined in TRL 1.16: sigmoid = standard DPO −log σ(β·h); robust = robust "
+        "DPO (Chowdhury et al.) with label_smoothing ε; ipo = IPO on per-token-averaged log-ratios.")
     beta: float = Field(0.1, gt=0, description="DPO beta.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Label smoothing epsilon (robust / sigmoid).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Label smoothing ε, the assumed probability that a preference label is "
+        "flipped; used by loss `robust` only (robust DPO, TRL's definition). TRL 1.16 ignores ε for `sigmoid` "
+        "(older TRL made sigmoid+ε conservative DPO) and `ipo`, so ε > 0 with those losses is rejected.")
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training pairs.")
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -153,6 +162,13 @@ class DPOConfig(Section):
     seed: int = Field(0, description="Seed for data order.")
     resources: TrainResources = Field(default_factory=TrainResources)
 
+    @model_validator(mode="after")
+    def _smoothing_only_for_robust(self):
+        if self.label_smoothing > 0 and self.loss != "robust":
+            raise ValueError(f"dpo.label_smoothing={self.label_smoothing} has no effect with dpo.loss={self.loss!r} "
+                             "(TRL's definition uses ε only in 'robust'); set dpo.loss=robust or label_smoothing=0")
+        return self
+
 
 class QuantConfig(Section):
     enabled: bool = Field(True, description="Run this stage in the pipeline.")
@@ -171,6 +187,9 @@ class QuantConfig(Section):
     seed: int = Field(0, description="Seed for drawing the calibration samples.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs the quantization Ray task holds (and torch threads it uses).")
     verify_reload: bool = Field(True, description="Reload the saved model with plain transformers and check it gives the quantized model's logits.")
+    qat_steps: int = Field(60, ge=0, description="qat: AdamW steps of quantization-aware training (weights + learned scales) on calibration_samples SFT texts.")
+    qat_lr: float = Field(2e-5, gt=0, description="qat: peak learning rate (cosine decay to 0) for weights and learned scales.")
+    qat_batch_size: int = Field(4, ge=1, description="qat: texts per training step.")
 
 
 class CorpusSource(Section):

@@ -16,7 +16,7 @@ import numpy as np
 
 from stemqa.config.schema import FilterConfig
 from stemqa.data.mcq import MCQ, load_sources, write_records
-from stemqa.embed import embed_texts
+from stemqa.embed import embed_texts, save_embeddings
 from stemqa.filter.plot import score_histogram
 
 
@@ -113,7 +113,8 @@ def _check_inputs(records, targets, cfg: FilterConfig) -> None:
 
 
 def run_filter(records: list[MCQ], targets: dict[str, list[MCQ]], cfg: FilterConfig, out_dir: Path) -> dict:
-    """Score `records` against `targets`, write kept.jsonl, scores.jsonl and scores_hist.png into `out_dir`.
+    """Score `records` against `targets`, write kept.jsonl, scores.jsonl and scores_hist.png into `out_dir`,
+    and the embeddings with their ids in `out_dir/embeddings` (ids `sample:<id>` and `<target>:<id>`).
 
     Raises FilterError on bad input, and when nothing would be kept (after writing the scores and histogram,
     so the cause can be seen). Ray must be initialised.
@@ -128,16 +129,19 @@ def run_filter(records: list[MCQ], targets: dict[str, list[MCQ]], cfg: FilterCon
         mask = np.ones(len(records), dtype=bool)
         _write_scores(scores_path, records, {}, None, mask)
         write_records(records, kept_path)
-        return {"kept_path": str(kept_path), "scores_path": str(scores_path), "histogram": None,
+        return {"kept_path": str(kept_path), "scores_path": str(scores_path), "histogram": None, "embeddings": None,
                 "counts": _counts(records, mask), "kept": len(records), "total": len(records)}
 
     names = list(targets)
     texts = [mcq_text(r) for r in records]
+    ids = [f"sample:{r.id}" for r in records]
     spans = {}
     for name in names:
         spans[name] = (len(texts), len(texts) + len(targets[name]))
         texts += [mcq_text(q) for q in targets[name]]
+        ids += [f"{name}:{q.id}" for q in targets[name]]
     vectors = embed_texts(texts, cfg.embed)  # one Ray Data job for samples and all targets
+    emb_dir = save_embeddings(out / "embeddings", ids, vectors, cfg.embed.embedder)  # reusable without re-embedding
     samples = vectors[: len(records)]
     per_target = {name: max_similarity(samples, vectors[a:b], cfg.index, cfg.hnsw_m, cfg.hnsw_ef_search)
                   for name, (a, b) in spans.items()}
@@ -154,4 +158,4 @@ def run_filter(records: list[MCQ], targets: dict[str, list[MCQ]], cfg: FilterCon
             f"score {float(mean.max()):.3f} (scores in {scores_path}, histogram {hist_path})")
     write_records([r for r, k in zip(records, mask) if k], kept_path)
     return {"kept_path": str(kept_path), "scores_path": str(scores_path), "histogram": str(hist_path),
-            "counts": _counts(records, mask), "kept": int(mask.sum()), "total": len(records)}
+            "embeddings": str(emb_dir), "counts": _counts(records, mask), "kept": int(mask.sum()), "total": len(records)}

@@ -6,6 +6,8 @@ model (used to check the reload); lm_head is always left out.
 - gptq, smoothquant-gptq, int8-weight: llm-compressor (`oneshot` with GPTQ / SmoothQuant / RTN modifiers),
   saved in compressed-tensors format, which transformers reloads (decompressed) on CPU.
 - bnb-8bit, bnb-4bit: transformers' BitsAndBytesConfig at load time (LLM.int8 / NF4), saved serialized.
+- qat: torchao fake quantizers with learned scales, trained on the calibration (SFT) texts, exported to the
+  same compressed-tensors pack-quantized format as gptq (stemqa/quant/qat.py).
 """
 from __future__ import annotations
 
@@ -149,6 +151,21 @@ def bnb_4bit(qcfg, model_dir, texts, out_dir):
     return _bnb(4, model_dir, out_dir)
 
 
+# ---- quantization-aware training ---------------------------------------------------------------------
+
+def qat(qcfg: QuantConfig, model_dir: Path, texts: Sequence[str], out_dir: Path):
+    from stemqa.models import load_causal_lm, load_tokenizer
+    from stemqa.quant import qat as qat_lib
+
+    model = load_causal_lm(str(model_dir))
+    tok = load_tokenizer(str(model_dir))
+    check_group_size(model, qcfg.group_size)
+    qat_lib.prepare(model, qcfg.bits, qcfg.group_size, tok(texts[0], return_tensors="pt").input_ids)
+    qat_lib.train(model, tok, texts, qcfg)
+    qat_lib.export(model, qcfg, out_dir, tok)
+    return model
+
+
 # ---- what each method needs -------------------------------------------------------------------------
 
 def _modules(*names: str) -> Callable[[], list[str]]:
@@ -199,6 +216,8 @@ METHODS: dict[str, Method] = {
     "int8-weight": Method(int8_weight, _LLMC, False, lambda q: 8, lambda q: None, lambda q: None, (8,)),
     "bnb-8bit": Method(bnb_8bit, _bnb_backend, False, lambda q: 8, lambda q: None, lambda q: None, (8,)),
     "bnb-4bit": Method(bnb_4bit, _bnb_backend, False, lambda q: 4, lambda q: None, lambda q: None, (4,)),
+    "qat": Method(qat, _modules("torchao", "llmcompressor", "compressed_tensors"), True, lambda q: q.bits,
+                  lambda q: None, lambda q: q.group_size, (2, 4, 8)),
 }
 
 

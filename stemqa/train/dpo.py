@@ -172,6 +172,7 @@ def train_loop(config: dict) -> None:
     model = common.load_train_model(config["base_path"], dpo.lora, common.use_bf16(res))
     engine = common.make_engine(model, res, dpo.lr, dpo.batch_size, dpo.grad_accum, total)
     restored = common.restore_checkpoint(engine)
+    resumed_from = restored["step"] if restored else None  # `state` below is this dict and moves on
     state = restored or {
         "step": 0, "losses": [], "tokens": 0, "train_s": 0.0, "evals": [], "best_acc": None, "best_step": None,
         "bad_evals": 0, "stopped_early": False, "sample_ids": []}
@@ -180,9 +181,10 @@ def train_loop(config: dict) -> None:
         state["evals"].append({"step": 0, **before})
         state["best_acc"], state["best_step"] = before["reward_accuracy"], 0
     setup_s = time.perf_counter() - t_start
+    cpu_s = 0.0  # this process's CPU seconds in the optimizer steps of this attempt (benchmarks)
     engine.train()
     while state["step"] < total and not state["stopped_early"]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss_sum = tokens = 0.0
         for micro in range(dpo.grad_accum):
             idx = schedule.micro_batch(state["step"] * dpo.grad_accum + micro, r)
@@ -198,6 +200,7 @@ def train_loop(config: dict) -> None:
         state["losses"].append(loss_sum / (dpo.grad_accum * world))
         state["tokens"] += int(tokens)
         state["train_s"] += time.perf_counter() - t0
+        cpu_s += time.process_time() - c0
         if config.get("fail_at_step") == state["step"] and restored is None and r == 0:
             os._exit(1)  # fault injection for the resume tests: a worker process dies mid-run
         if state["step"] % dpo.eval_every == 0 or state["step"] == total:
@@ -235,6 +238,9 @@ def train_loop(config: dict) -> None:
         "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["train_s"], 1e-9),
         "train_s": state["train_s"], "worker_setup_s": setup_s, "worker_total_s": time.perf_counter() - t_start,
         "sample_ids": state["sample_ids"],
+        # the step of the checkpoint this attempt resumed from (a worker restart or a re-submitted run); None: fresh
+        "resumed_from_step": resumed_from,
+        "train_cpu_s": common.all_reduce_sum([cpu_s])[0],  # all ranks, this attempt only
         "losses": state["losses"],  # train loss per optimizer step, for stemqa.tracking and the report
         "step": state["step"], "train_loss": state["losses"][-1] if state["losses"] else None,
         **_eval_metrics(state),  # the keys of the intermediate reports

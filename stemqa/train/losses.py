@@ -3,11 +3,13 @@
 Each takes the policy-minus-reference log-ratios of the chosen and rejected completions (summed over their
 tokens), β, ε (label smoothing) and the completion token counts, and returns one loss per pair:
 
-- sigmoid: −log σ(β·h), h = chosen_logratio − rejected_logratio. (TRL 1.16 no longer applies label smoothing
-  here; ε only enters `robust`.)
-- robust:  ((1−ε)·(−log σ(β·h)) + ε·log σ(−β·h)) / (1−2ε)   (Chowdhury et al., not conservative DPO).
+- sigmoid: −log σ(β·h), h = chosen_logratio − rejected_logratio. ε is not used: TRL ≤ 0.x turned
+  sigmoid + ε into conservative DPO (cDPO, (1−ε)·(−log σ(β·h)) + ε·(−log σ(−β·h))); TRL 1.16 dropped that and
+  ignores ε here, so the config rejects ε > 0 with sigmoid rather than silently ignoring it.
+- robust:  ((1−ε)·(−log σ(β·h)) + ε·log σ(−β·h)) / (1−2ε)   (robust DPO, Chowdhury et al. 2024: an unbiased
+  loss under labels flipped with probability ε; not conservative DPO, and equal to sigmoid at ε = 0).
 - ipo:     (h_avg − 1/(2β))², h_avg the difference of per-token *averaged* log-ratios (TRL normalises by
-  each completion's token count).
+  each completion's token count); ε is not used (rejected by the config).
 
 They are written out rather than called from TRL because TRL computes them inside `DPOTrainer._compute_loss`,
 which needs the model forward; `tests/test_losses.py` runs that TRL code on the same log-probs and compares.

@@ -4,6 +4,13 @@ Each MCQ becomes `harness_prompt(q)` + ` <letter>` + eos; the loss is on the com
 their logits are computed, see `common.completion_batch`). The driver tokenizes once and puts the samples in
 the object store; every worker takes its micro-batches from `common.Schedule`, so the order survives a
 resume. The result is a plain HF directory at `out_dir/model` that `stemqa.models.load_causal_lm` loads.
+
+`sft.packing`: each micro-batch is flattened into one padding-free row by transformers'
+`DataCollatorWithFlattening` (TRL's `padding_free`), position_ids restarting at 0 for every sample and no
+attention mask. From such position_ids transformers builds a block-diagonal causal mask (sdpa/eager/flex) or
+FlashAttention's varlen boundaries, so samples never attend to each other (tests/test_sft.py checks the
+per-token log-probs equal separate forwards). The micro-batch still holds `batch_size` samples, so the sample
+order, the effective batch and resuming are the same as unpacked; what packing removes is the padding.
 """
 from __future__ import annotations
 
@@ -28,16 +35,56 @@ def encode_mcq(tok, q: MCQ, max_seq_len: int) -> dict:
     return {"id": q.id, "prompt": prompt[-keep:], "completion": completion}
 
 
-def collate(samples: list[dict], pad_id: int) -> dict:
-    """Left-padded prompts + right-padded completions; only completion tokens carry loss."""
+def collate(samples: list[dict], pad_id: int, packing: bool = False) -> dict:
+    """Unpacked: left-padded prompts + right-padded completions. Packed: `pack`. Loss on completion tokens only."""
+    if packing:
+        return pack(samples)
     return common.completion_batch([s["prompt"] for s in samples], [s["completion"] for s in samples], pad_id)
+
+
+def pack(samples: list[dict]) -> dict:
+    """One padding-free row [1, T] with position_ids restarting per sample (`DataCollatorWithFlattening`).
+
+    `logits_index` are the positions whose next token is a completion token, `targets` those tokens and
+    `sample_of` the sample each belongs to: the model computes vocabulary logits at these positions only.
+    """
+    import torch
+    from transformers import DataCollatorWithFlattening
+
+    feats = [{"input_ids": s["prompt"] + s["completion"], "labels": [-100] * len(s["prompt"]) + s["completion"]}
+             for s in samples]
+    flat = DataCollatorWithFlattening(return_tensors="pt")(feats)
+    labels = flat["labels"][0]
+    at = (labels != -100).nonzero().squeeze(-1)  # the position of every completion token (never a row start)
+    sample_of = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor([len(f["input_ids"]) for f in feats]))
+    return {"input_ids": flat["input_ids"], "position_ids": flat["position_ids"], "logits_index": at - 1,
+            "targets": labels[at], "sample_of": sample_of[at]}
+
+
+def packed_token_logps(model, batch: dict):
+    """log p(token) of every completion token of a packed row [K] (attention_mask None: transformers then
+    derives the per-sample block-diagonal mask from the restarting position_ids)."""
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                logits_to_keep=batch["logits_index"].to(device), use_cache=False)
+    return -F.cross_entropy(out.logits[0].float(), batch["targets"].to(device), reduction="none")
 
 
 def completion_loss(model, batch: dict):
     """(mean loss over completion tokens, their count): the prompt is masked by construction."""
+    if "targets" in batch:
+        logp = packed_token_logps(model, batch)
+        return -logp.mean(), int(logp.numel())
     logp = common.completion_token_logps(model, batch)
     n = batch["completion_mask"].sum()
     return -logp.sum() / n.clamp(min=1), int(n)
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens the forward sees."""
+    return int(batch["input_ids"].numel()) if "targets" in batch else int(batch["attention_mask"].sum())
 
 
 def split_eval(samples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -50,7 +97,7 @@ def split_eval(samples: list[dict], fraction: float, seed: int) -> tuple[list[di
     return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
 
 
-def _eval_loss(engine, samples: list[dict], batch_size: int, pad_id: int) -> float:
+def _eval_loss(engine, samples: list[dict], batch_size: int, pad_id: int, packing: bool = False) -> float:
     """Mean completion-token loss over `samples`, sharded across ranks and summed (token-weighted)."""
     import torch
 
@@ -60,7 +107,7 @@ def _eval_loss(engine, samples: list[dict], batch_size: int, pad_id: int) -> flo
     engine.eval()
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
-            loss, n = completion_loss(engine, collate(mine[i:i + batch_size], pad_id))
+            loss, n = completion_loss(engine, collate(mine[i:i + batch_size], pad_id, packing))
             loss_sum += float(loss) * n
             n_tok += n
     engine.train()
@@ -95,31 +142,34 @@ def train_loop(config: dict) -> None:
     engine = common.make_engine(model, res, sft.lr, sft.batch_size, sft.grad_accum, total,
                                 int(sft.warmup_ratio * total))
     restored = common.restore_checkpoint(engine)
+    resumed_from = restored["step"] if restored else None  # `state` below is this dict and moves on
     state = restored or {"step": 0, "losses": [], "tokens": 0, "train_s": 0.0,
                                                   "eval_loss_before": None, "sample_ids": []}
     if state["eval_loss_before"] is None and held:
-        state["eval_loss_before"] = _eval_loss(engine, held, sft.batch_size, pad_id)
+        state["eval_loss_before"] = _eval_loss(engine, held, sft.batch_size, pad_id, sft.packing)
     setup_s = time.perf_counter() - t_start  # model load + DeepSpeed init (+ its op build on first use)
+    cpu_s = 0.0  # this process's CPU seconds in the optimizer steps of this attempt (benchmarks)
     engine.train()
     while state["step"] < total:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss_sum = n_tok = tokens = 0.0
         step_ids = []
         for micro in range(sft.grad_accum):
             idx = schedule.micro_batch(state["step"] * sft.grad_accum + micro, r)
             step_ids += [train[i]["id"] for i in idx]
-            batch = collate([train[i] for i in idx], pad_id)
+            batch = collate([train[i] for i in idx], pad_id, sft.packing)
             loss, n = completion_loss(engine, batch)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             loss_sum += float(loss.detach()) * n
             n_tok += n
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch_tokens(batch)
         loss_sum, n_tok, tokens = common.all_reduce_sum([loss_sum, n_tok, tokens])
         state["step"] += 1
         state["losses"].append(loss_sum / max(n_tok, 1.0))
         state["tokens"] += int(tokens)
         state["train_s"] += time.perf_counter() - t0
+        cpu_s += time.process_time() - c0
         if config.get("fail_at_step") == state["step"] and restored is None and r == 0:
             os._exit(1)  # fault injection for the resume tests: a worker process dies mid-run
         if config.get("log_sample_ids"):
@@ -132,13 +182,13 @@ def train_loop(config: dict) -> None:
         if at_ckpt or at_report:
             metrics = {"step": state["step"], "train_loss": state["losses"][-1]}
             if report_every and held:
-                metrics["eval_loss"] = _eval_loss(engine, held, sft.batch_size, pad_id)
+                metrics["eval_loss"] = _eval_loss(engine, held, sft.batch_size, pad_id, sft.packing)
             if at_ckpt:
                 common.report_checkpoint(engine, state, metrics)
             else:
                 ray.train.report(metrics)  # every rank reports (Train V2 waits for all)
 
-    eval_loss = _eval_loss(engine, held, sft.batch_size, pad_id) if held else None
+    eval_loss = _eval_loss(engine, held, sft.batch_size, pad_id, sft.packing) if held else None
     weights = common.full_state_dict(engine, res.zero_stage)
     if r == 0:
         common.save_hf_model(weights, config["base_path"], sft.lora, Path(config["model_dir"]))
@@ -151,6 +201,9 @@ def train_loop(config: dict) -> None:
         "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["train_s"], 1e-9),
         "train_s": state["train_s"], "worker_setup_s": setup_s, "worker_total_s": time.perf_counter() - t_start,
         "sample_ids": state["sample_ids"],
+        # the step of the checkpoint this attempt resumed from (a worker restart or a re-submitted run); None: fresh
+        "resumed_from_step": resumed_from,
+        "train_cpu_s": common.all_reduce_sum([cpu_s])[0],  # all ranks, this attempt only
         "losses": state["losses"],  # train loss per optimizer step, for stemqa.tracking and the report
     })
 

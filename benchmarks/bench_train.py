@@ -1,0 +1,466 @@
+"""SFT and DPO: does it learn (SmolLM2-135M-Instruct on real data), and how fast vs TRL, on this machine.
+
+    python benchmarks/bench_train.py --sft-learn  [--sft-steps 80]
+    python benchmarks/bench_train.py --dpo-learn  [--dpo-steps 40]
+    python benchmarks/bench_train.py --sft-speed  [--speed-steps 8]
+    python benchmarks/bench_train.py --dpo-speed  [--speed-steps 8]
+
+Every experiment runs the library path (`stemqa.train.sft.run_sft` / `stemqa.train.dpo.run_dpo`: Ray Train
+TorchTrainer + DeepSpeed ZeRO) in a private local Ray instance, prints a JSON summary and rewrites its own
+`### ` block of the "Training" sections of BENCHMARKS.md (--no-write: print only).
+
+- sft-learn: full fine-tuning on ARC-Easy train in the harness format (prompt masked, answer ` <letter>` + eos).
+  Before and after, on the first --dev-n (100) ARC-Easy *dev* questions: the completion loss, the share of next-token
+  probability on the option letters after `Answer:` (sum over the question's letters of p(' A'), p(' B'), ...)
+  and letter accuracy. Also the library's own held-out eval loss (sft.eval_fraction of the train file).
+- dpo-learn: DPO on AQuA-RAT-derived STEM pairs (`prepare_pairs(["aqua:..."])`, split 70/15/15): validation and
+  test reward accuracy before (policy = reference: 0) and after.
+- sft-speed: the same samples, model and effective batch (8 sequences per optimizer step) through Ray Train +
+  DeepSpeed (2 workers x 1 thread, ZeRO-2; unpacked and packed) and through one TRL `SFTTrainer` process
+  (2 threads; unpacked and padding_free). Tokens = real (non-padding) tokens the forward sees.
+- dpo-speed: DPO tokens/s with precomputed reference log-probs (ours) vs TRL `DPOTrainer` (reference model
+  forward every step, its default, and with precompute_ref_log_probs=True), one worker / one process with 2
+  threads so that the data order and thus the per-step losses can be compared.
+
+CPU is shared with other jobs: every figure comes with the 1-minute load average and with CPU seconds (process
+CPU time of the training steps, summed over workers), which other jobs distort less than wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import stemqa.ray_utils  # noqa: E402,F401  (before ray is imported)
+
+BENCH_MD = ROOT / "benchmarks" / "BENCHMARKS.md"
+LEARN_SECTION = "## Training: does it learn"
+SPEED_SECTION = "## Training speed: Ray Train + DeepSpeed vs TRL"
+DATA = Path(os.environ.get("STEMQA_DATA_ROOT", ROOT.parent / "shared" / "data"))
+MODEL = "smollm2-135m-instruct"
+
+
+def load1() -> float:
+    return round(os.getloadavg()[0], 1)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, shared"
+
+
+# ---------------------------------------------------------------- BENCHMARKS.md: one `### ` block per experiment
+def write_block(section: str, intro: str, block_title: str, body: str) -> None:
+    """Replace (or add) `### block_title` inside `section`, leaving the other blocks and sections alone."""
+    text = BENCH_MD.read_text()
+    head = f"\n{section}\n"
+    if head not in text:
+        text = text.rstrip("\n") + f"\n\n{section}\n\n{intro}\n"
+    start = text.index(head) + len(head)
+    nxt = text.find("\n## ", start)
+    end = len(text) if nxt < 0 else nxt + 1
+    sec = text[start:end]
+    block = f"### {block_title}\n\n{body.strip()}\n\n"
+    m = re.search(rf"^### {re.escape(block_title)}\n.*?(?=^### |\Z)", sec, flags=re.S | re.M)
+    sec = sec[:m.start()] + block + sec[m.end():] if m else sec.rstrip("\n") + "\n\n" + block
+    BENCH_MD.write_text(text[:start] + sec.rstrip("\n") + "\n" + ("\n" if nxt >= 0 else "") + text[end:].lstrip("\n"))
+
+
+def ray_up():
+    import ray
+
+    from stemqa.ray_utils import init_ray
+
+    t = time.perf_counter()
+    if not ray.is_initialized():
+        init_ray("local", num_cpus=2)
+    return time.perf_counter() - t
+
+
+# ---------------------------------------------------------------- SFT: does it learn
+def mcq_metrics(model_path: str, questions) -> dict:
+    """Completion loss, letter-probability share after `Answer:` and letter accuracy on `questions`, from one
+    forward per question: the first completion column's distribution is the next token after `Answer:`."""
+    import torch
+
+    from stemqa.data.mcq import LETTERS
+    from stemqa.models import load_causal_lm, load_tokenizer
+    from stemqa.train.sft import collate, encode_mcq
+
+    torch.set_num_threads(2)
+    model, tok = load_causal_lm(model_path, dtype="float32", device="cpu"), load_tokenizer(model_path)
+    letter_ids = [tok(f" {x}", add_special_tokens=False)["input_ids"] for x in LETTERS]
+    assert all(len(t) == 1 for t in letter_ids), "letters must be single tokens for the share"
+    letter_ids = [t[0] for t in letter_ids]
+    samples = [encode_mcq(tok, q, 512) for q in questions]
+    loss_sum = n_tok = 0.0
+    share, correct = [], []
+    with torch.no_grad():
+        for i in range(0, len(samples), 8):
+            batch = collate(samples[i:i + 8], tok.pad_token_id)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"], logits_to_keep=batch["completion_ids"].shape[1] + 1)
+            probs = torch.softmax(out.logits[:, 0].float(), -1)  # next token after `Answer:`
+            logp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(
+                -1, batch["completion_ids"][..., None])[..., 0] * batch["completion_mask"]
+            loss_sum -= float(logp.sum())
+            n_tok += float(batch["completion_mask"].sum())
+            for row, q in zip(probs, questions[i:i + 8]):
+                p = row[letter_ids[:len(q.choices)]]
+                share.append(float(p.sum()))
+                correct.append(int(p.argmax()) == q.answer)
+    return {"completion_loss": loss_sum / n_tok, "letter_share_mean": sum(share) / len(share),
+            "letter_share_min": min(share), "share_ge_0.9": sum(s >= 0.9 for s in share) / len(share),
+            "accuracy": sum(correct) / len(correct), "n": len(questions)}
+
+
+def sft_learn(args) -> dict:
+    from stemqa.config import load_config
+    from stemqa.data.mcq import load_file, write_records
+    from stemqa.train.sft import run_sft
+
+    train, _ = load_file(DATA / "mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", source="arc", subject="science")
+    dev, _ = load_file(DATA / "mcq/arc/ARC-Easy-dev.jsonl", "arc_jsonl", source="arc", subject="science", limit=args.dev_n)
+    work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
+    write_records(train, work / "train.jsonl")
+    overrides = [f"model.name={MODEL}", f"sft.max_steps={args.sft_steps}", "sft.batch_size=4", "sft.grad_accum=1",
+                 f"sft.lr={args.sft_lr}", "sft.warmup_ratio=0.05", "sft.eval_fraction=0.05", "sft.max_seq_len=256",
+                 "sft.packing=true", "sft.checkpoint_every=1000", "sft.resources.num_workers=2",
+                 "sft.resources.cpus_per_worker=0.9", "sft.resources.zero_stage=2"]
+    if args.sft_lora:  # LoRA r16/α32 on every linear of the blocks: less memory and time than full fine-tuning
+        overrides.append("sft.lora={r: 16, alpha: 32, dropout: 0.05, target_modules: "
+                         "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}")
+    cfg = load_config("demo", overrides)
+    from stemqa.models import resolve_model
+
+    load0 = load1()
+    t = time.perf_counter()
+    before = mcq_metrics(str(resolve_model(MODEL)), dev)
+    before_s = time.perf_counter() - t
+    ray_s = ray_up()
+    result = run_sft(cfg, work / "train.jsonl", work / "out")
+    m = result["metrics"]
+    t = time.perf_counter()
+    after = mcq_metrics(result["model_dir"], dev)
+    out = {"experiment": "sft-learn", "overrides": overrides, "before": before, "after": after,
+           "library_eval_loss_before": m["eval_loss_before"], "library_eval_loss_after": m["eval_loss"],
+           "train_samples": m["train_samples"], "eval_samples": m["eval_samples"], "steps": m["steps"],
+           "samples_seen": m["steps"] * 8, "train_loss_first": m["train_loss_first"],
+           "train_loss_last": m["train_loss_last"], "tokens_per_s": m["tokens_per_s"], "train_s": m["train_s"],
+           "train_cpu_s": m["train_cpu_s"], "fit_s": m["fit_s"], "ray_init_s": ray_s, "measure_s": before_s,
+           "after_measure_s": time.perf_counter() - t, "load_start": load0, "load_end": load1()}
+    if not args.no_write:
+        b, a = before, after
+        body = f"""Command: `python benchmarks/bench_train.py --sft-learn --sft-steps {args.sft_steps} --sft-lr {args.sft_lr} --dev-n {args.dev_n}{' --sft-lora' if args.sft_lora else ''}` ({date.today()}, {machine()}, load average {load0} at start, {out['load_end']} at end).
+
+{'LoRA (r16, α32, dropout 0.05, all linear layers of the blocks; merged into the saved model)' if args.sft_lora else 'Full fine-tuning'} of SmolLM2-135M-Instruct (float32, Ray Train 2 workers x 1 thread, DeepSpeed ZeRO-2, packing) on
+ARC-Easy train ({m['train_samples']} questions, {m['eval_samples']} held out by the library) in the harness format; {m['steps']} optimizer steps
+of 8 questions ({m['steps'] * 8} questions seen, lr {args.sft_lr}, linear decay, 5% warm-up). Measured on the first {args.dev_n} ARC-Easy **dev**
+questions (never trained on), before and after:
+
+| metric | before | after |
+|---|---|---|
+| completion loss (` <letter>` + eos, mean per token) | {b['completion_loss']:.3f} | {a['completion_loss']:.3f} |
+| share of next-token probability on the option letters after `Answer:` (mean) | {b['letter_share_mean']:.3f} | **{a['letter_share_mean']:.3f}** |
+| questions with letter share >= 0.9 | {b['share_ge_0.9']:.0%} | {a['share_ge_0.9']:.0%} |
+| letter share, lowest question | {b['letter_share_min']:.3f} | {a['letter_share_min']:.3f} |
+| letter accuracy | {b['accuracy']:.1%} | {a['accuracy']:.1%} |
+| library held-out eval loss ({m['eval_samples']} train-file questions) | {m['eval_loss_before']:.3f} | {m['eval_loss']:.3f} |
+
+Train loss first/last step {m['train_loss_first']:.3f} / {m['train_loss_last']:.3f}; {m['tokens_per_s']:.0f} tokens/s in the steps
+({m['train_s']:.0f} s, {m['train_cpu_s']:.0f} CPU s over both workers); TorchTrainer.fit {m['fit_s']:.0f} s in all."""
+        write_block(LEARN_SECTION, "Measured with `benchmarks/bench_train.py` (one flag per experiment).", "SFT on ARC-Easy", body)
+    return out
+
+
+# ---------------------------------------------------------------- DPO: does it learn
+def dpo_learn(args) -> dict:
+    from stemqa.config import load_config
+    from stemqa.data.preference import prepare_pairs
+    from stemqa.models.loader import load_tokenizer
+    from stemqa.train.dpo import run_dpo
+
+    work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
+    overrides = [f"model.name={MODEL}", f"dpo.max_steps={args.dpo_steps}", "dpo.batch_size=2", "dpo.grad_accum=1",
+                 f"dpo.lr={args.dpo_lr}", "dpo.beta=0.1", "dpo.max_len=512", "dpo.split=[0.7,0.15,0.15]",
+                 f"dpo.eval_every={max(1, args.dpo_steps // 4)}", "dpo.patience=4", "dpo.checkpoint_every=1000",
+                 "dpo.ref_cpus=1", "dpo.resources.num_workers=2", "dpo.resources.cpus_per_worker=0.9",
+                 "dpo.resources.zero_stage=2"]
+    cfg = load_config("demo", overrides)
+    load0 = load1()
+    prep = prepare_pairs(["aqua:mcq/aqua_rat/dev.json"], DATA, load_tokenizer(MODEL), cfg.dpo, work / "pairs")
+    ray_s = ray_up()
+    m = run_dpo(cfg, work / "pairs", work / "out", MODEL)["metrics"]
+    out = {"experiment": "dpo-learn", "overrides": overrides, "pairs": prep["counts"], "ray_init_s": ray_s,
+           "load_start": load0, "load_end": load1(),
+           **{k: m[k] for k in ("val_reward_accuracy_before", "val_reward_accuracy_best", "test_reward_accuracy",
+                                "test_reward_margin", "test_pairs", "steps", "best_step", "stopped_early", "evals",
+                                "tokens_per_s", "train_s", "train_cpu_s", "fit_s", "ref_logps_s", "wall_s")}}
+    if not args.no_write:
+        c = prep["counts"]
+        evals = ", ".join(f"{e['step']}: {e['reward_accuracy']:.0%}" for e in m["evals"])
+        body = f"""Command: `python benchmarks/bench_train.py --dpo-learn --dpo-steps {args.dpo_steps} --dpo-lr {args.dpo_lr}` ({date.today()}, {machine()}, load average {load0} at start, {out['load_end']} at end).
+
+DPO (sigmoid, β 0.1, lr {args.dpo_lr}, full fine-tuning, Ray Train 2 workers x 1 thread, ZeRO-2) of SmolLM2-135M-Instruct on STEM
+pairs derived from AQuA-RAT dev (chosen = the rationale ending in the right option, rejected = a reasoning-free wrong
+option): {c['kept']} pairs kept of {c['total']} ({c['too_long_dropped']} over 512 tokens dropped), split {c['train']}/{c['val']}/{c['test']} train/val/test.
+Reference = the base model; its log-probs computed once by the Ray Data job ({m['ref_logps_s']:.0f} s).
+
+| split | reward accuracy before | after |
+|---|---|---|
+| val (best eval, step {m['best_step']}) | {m['val_reward_accuracy_before']:.1%} | {m['val_reward_accuracy_best']:.1%} |
+| **test** ({m['test_pairs']} pairs, best model) | 0.0% (policy = reference: all rewards 0) | **{m['test_reward_accuracy']:.1%}** (margin {m['test_reward_margin']:.2f}) |
+
+Validation reward accuracy by step: {evals}. {m['steps']} steps of 4 pairs; {m['tokens_per_s']:.0f} tokens/s in the steps
+({m['train_cpu_s']:.0f} CPU s), fit {m['fit_s']:.0f} s, whole run {m['wall_s']:.0f} s."""
+        write_block(LEARN_SECTION, "Measured with `benchmarks/bench_train.py` (one flag per experiment).",
+                    "DPO on AQuA-RAT-derived STEM pairs", body)
+    return out
+
+
+# ---------------------------------------------------------------- speed: TRL side
+class _StepClock:
+    """A transformers TrainerCallback summing wall and process CPU time of the optimizer steps only."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Clock(TrainerCallback):
+            def __init__(self):
+                self.wall = self.cpu = 0.0
+                self.steps = 0
+
+            def on_step_begin(self, args, state, control, **kw):
+                self._t, self._c = time.perf_counter(), time.process_time()
+
+            def on_step_end(self, args, state, control, **kw):
+                self.wall += time.perf_counter() - self._t
+                self.cpu += time.process_time() - self._c
+                self.steps += 1
+
+        return Clock()
+
+
+def _trl_common(out_dir: Path, steps: int, batch: int, accum: int, lr: float) -> dict:
+    return dict(output_dir=str(out_dir), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+                learning_rate=lr, max_steps=steps, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+                max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[],
+                use_cpu=True, bf16=False, dataloader_num_workers=0, train_sampling_strategy="sequential",
+                seed=0, disable_tqdm=True)
+
+
+def trl_sft(samples: list[dict], steps: int, padding_free: bool) -> dict:
+    """TRL SFTTrainer on our pre-tokenized samples (input_ids + completion_mask: the same tokens and loss)."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from stemqa.models import load_causal_lm, load_tokenizer, resolve_model
+
+    torch.set_num_threads(2)
+    path = str(resolve_model(MODEL))
+    ds = Dataset.from_list([{"input_ids": s["prompt"] + s["completion"],
+                             "completion_mask": [0] * len(s["prompt"]) + [1] * len(s["completion"])} for s in samples])
+    clock = _StepClock()
+    with tempfile.TemporaryDirectory() as d:
+        args = SFTConfig(**_trl_common(Path(d), steps, 4, 2, 2e-5), max_length=256, completion_only_loss=True,
+                         padding_free=padding_free, packing=False)
+        trainer = SFTTrainer(model=load_causal_lm(path, dtype="float32").train(), args=args, train_dataset=ds,
+                             processing_class=load_tokenizer(path), callbacks=[clock])
+        load0 = load1()
+        trainer.train()
+    tokens = sum(len(s["prompt"]) + len(s["completion"]) for s in samples[:steps * 8])
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"tokens": tokens, "train_s": clock.wall, "train_cpu_s": clock.cpu, "tokens_per_s": tokens / clock.wall,
+            "tokens_per_cpu_s": tokens / clock.cpu, "losses": losses, "load": [load0, load1()]}
+
+
+def ours_sft(samples_path: Path, steps: int, packing: bool, work: Path, name: str) -> dict:
+    from stemqa.config import load_config
+    from stemqa.train.sft import run_sft
+
+    cfg = load_config("demo", [f"model.name={MODEL}", f"sft.max_steps={steps}", "sft.batch_size=4",
+                               "sft.grad_accum=1", "sft.lr=2e-5", "sft.eval_fraction=0.0", "sft.max_seq_len=256",
+                               f"sft.packing={str(packing).lower()}", "sft.checkpoint_every=1000",
+                               "sft.resources.num_workers=2", "sft.resources.cpus_per_worker=0.9",
+                               "sft.resources.zero_stage=2", "sft.resources.max_failures=0"])
+    load0 = load1()
+    m = run_sft(cfg, samples_path, work / name, run_name=name)["metrics"]
+    return _ours_summary(m, load0)
+
+
+def _ours_summary(m: dict, load0: float) -> dict:
+    startup = m["fit_s"] - m["worker_total_s"]  # controller, placement group, worker processes (+ teardown)
+    other = m["worker_total_s"] - m["worker_setup_s"] - m["train_s"]  # final eval/save/checkpoint reports
+    return {"tokens": m["tokens"], "train_s": m["train_s"], "train_cpu_s": m["train_cpu_s"],
+            "tokens_per_s": m["tokens_per_s"], "tokens_per_cpu_s": m["tokens"] / m["train_cpu_s"],
+            "losses": m["losses"], "ray_startup_teardown_s": startup, "worker_setup_s": m["worker_setup_s"],
+            "worker_after_steps_s": other, "fit_s": m["fit_s"], "steps": m["steps"], "load": [load0, load1()]}
+
+
+def sft_speed(args) -> dict:
+    from stemqa.data.mcq import load_file, write_records
+    from stemqa.models import load_tokenizer
+    from stemqa.train.sft import encode_mcq
+
+    steps = args.speed_steps
+    records, _ = load_file(DATA / "mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", source="arc", subject="science",
+                           limit=steps * 8)
+    work = Path(tempfile.mkdtemp(prefix="bench-sft-speed-"))
+    write_records(records, work / "train.jsonl")  # exactly steps x 8 questions: both sides see every one once
+    tok = load_tokenizer(MODEL)
+    samples = [encode_mcq(tok, q, 256) for q in records]
+    ray_s = ray_up()
+    res = {"ray_init_s": ray_s, "samples": len(samples)}
+    res["ours_unpacked"] = ours_sft(work / "train.jsonl", steps, False, work, "unpacked")
+    res["ours_packed"] = ours_sft(work / "train.jsonl", steps, True, work, "packed")
+    res["trl_unpacked"] = trl_sft(samples, steps, padding_free=False)
+    res["trl_padding_free"] = trl_sft(samples, steps, padding_free=True)
+    if not args.no_write:
+        write_block(SPEED_SECTION, SPEED_INTRO, "SFT", _speed_table(res, "trl_unpacked", steps, args, "--sft-speed", [
+            ("ours_unpacked", "ours, unpacked (Ray Train 2 workers x 1 thread, ZeRO-2)"),
+            ("ours_packed", "ours, packed (padding-free rows, same samples)"),
+            ("trl_unpacked", "TRL SFTTrainer, 1 process x 2 threads, padded batches"),
+            ("trl_padding_free", "TRL SFTTrainer, padding_free=True")]))
+    return res
+
+
+# ---------------------------------------------------------------- speed: DPO
+def trl_dpo(pairs_dir: Path, order: list[str], steps: int, precompute: bool, max_len: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from stemqa.data.preference import read_pairs
+    from stemqa.models import load_causal_lm, load_tokenizer, resolve_model
+
+    torch.set_num_threads(2)
+    path = str(resolve_model(MODEL))
+    by_id = {p.id: p for p in read_pairs(pairs_dir / "train.jsonl")}
+    rows = [{"prompt": by_id[i].prompt, "chosen": by_id[i].chosen, "rejected": by_id[i].rejected} for i in order]
+    clock = _StepClock()
+    with tempfile.TemporaryDirectory() as d:
+        args = DPOConfig(**_trl_common(Path(d), steps, 2, 2, 1e-5), beta=0.1, loss_type=["sigmoid"],
+                         max_length=max_len, precompute_ref_log_probs=precompute)
+        tok = load_tokenizer(path)
+        trainer = DPOTrainer(model=load_causal_lm(path, dtype="float32").train(), args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[clock])
+        load0 = load1()
+        t = time.perf_counter()
+        trainer.train()
+        total = time.perf_counter() - t
+    tokens = 0
+    for r in rows[:steps * 2]:  # prompt twice + both completions + their eos, as the forward sees them
+        p = len(tok(r["prompt"])["input_ids"])
+        tokens += 2 * p + len(tok(r["chosen"])["input_ids"]) + len(tok(r["rejected"])["input_ids"]) + 2
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"tokens": tokens, "train_s": clock.wall, "train_cpu_s": clock.cpu, "tokens_per_s": tokens / clock.wall,
+            "tokens_per_cpu_s": tokens / clock.cpu, "losses": losses, "train_call_s": total, "load": [load0, load1()]}
+
+
+def dpo_speed(args) -> dict:
+    """Ours (2 workers x 1 thread, 2 pairs each) and TRL (1 process x 2 threads, 4 pairs) on the same 4 pairs per
+    step in the same order (our `Schedule`'s), same lr, schedule, clipping and AdamW: the losses must agree."""
+    from stemqa.config import load_config
+    from stemqa.data.preference import prepare_pairs, read_pairs
+    from stemqa.models.loader import load_tokenizer
+    from stemqa.train.common import Schedule
+    from stemqa.train.dpo import run_dpo
+
+    steps = args.speed_steps
+    work = Path(tempfile.mkdtemp(prefix="bench-dpo-speed-"))
+    cfg = load_config("demo", [f"model.name={MODEL}", f"dpo.max_steps={steps}", "dpo.batch_size=2", "dpo.grad_accum=1",
+                               "dpo.lr=1e-5", "dpo.beta=0.1", "dpo.max_len=512", f"dpo.split_sizes=[{steps * 4},8,0]",
+                               f"dpo.eval_every={steps}", "dpo.checkpoint_every=1000", "dpo.ref_cpus=1",
+                               "dpo.resources.num_workers=2", "dpo.resources.cpus_per_worker=0.9",
+                               "dpo.resources.zero_stage=2", "dpo.resources.max_failures=0"])
+    prepare_pairs(["aqua:mcq/aqua_rat/dev.json"], DATA, load_tokenizer(MODEL), cfg.dpo, work / "pairs")
+    res = {"ray_init_s": ray_up()}
+    load0 = load1()
+    m = run_dpo(cfg, work / "pairs", work / "out", MODEL, run_name="dpo-speed")["metrics"]
+    res["ours"] = {**_ours_summary(m, load0), "ref_logps_s": m["ref_logps_s"]}
+    train = read_pairs(work / "pairs/train.jsonl")
+    sched = Schedule(len(train), 2, 2, 1, cfg.dpo.seed)
+    order = [train[i].id for k in range(steps) for r in (0, 1) for i in sched.micro_batch(k, r)]
+    res["trl_ref_model"] = trl_dpo(work / "pairs", order, steps, precompute=False, max_len=512)
+    res["trl_precomputed"] = trl_dpo(work / "pairs", order, steps, precompute=True, max_len=512)
+    diffs = [abs(a - b) for a, b in zip(res["ours"]["losses"], res["trl_ref_model"]["losses"])]
+    res["max_loss_diff_vs_trl"] = max(diffs)
+    if not args.no_write:
+        table = _speed_table(res, "trl_ref_model", steps, args, "--dpo-speed", [
+            ("ours", "ours, reference log-probs precomputed (Ray Data), Ray Train 2 workers x 1 thread, ZeRO-2"),
+            ("trl_ref_model", "TRL DPOTrainer, 1 process x 2 threads, reference model forward each step (default)"),
+            ("trl_precomputed", "TRL DPOTrainer, precompute_ref_log_probs=True")])
+        table += (f"\n\nSame 4 pairs per step in the same order: largest per-step loss difference ours vs TRL "
+                  f"{res['max_loss_diff_vs_trl']:.2e} (ours {', '.join(f'{x:.4f}' for x in res['ours']['losses'])}; "
+                  f"TRL {', '.join(f'{x:.4f}' for x in res['trl_ref_model']['losses'])}). Our reference log-prob job "
+                  f"(Ray Data, all splits, once per dataset) took {m['ref_logps_s']:.1f} s, outside the steps.")
+        write_block(SPEED_SECTION, SPEED_INTRO, "DPO", table)
+    return res
+
+
+SPEED_INTRO = ("Measured with `benchmarks/bench_train.py` (one flag per experiment). Tokens/s = real tokens the "
+               "forward sees / time of the optimizer steps; tokens per CPU-second = the same tokens / process CPU "
+               "seconds of those steps (all workers), the fairer figure on this shared machine. Ray start-up and "
+               "per-run overhead are listed apart from the steps.")
+
+
+def _speed_table(res: dict, base: str, steps: int, args, flag: str, rows: list[tuple[str, str]]) -> str:
+    b = res[base]
+    lines = [f"Command: `python benchmarks/bench_train.py {flag} --speed-steps {steps}` ({date.today()}, {machine()}).",
+             "", f"SmolLM2-135M-Instruct, float32, {steps} optimizer steps on the same data; ratios vs `{base}`.", "",
+             "| run | tokens | steps s | tokens/s | CPU s | tokens/CPU s | vs TRL (wall) | vs TRL (CPU) | load 1 min | "
+             "first / last loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, label in rows:
+        r = res[key]
+        lines.append(f"| {label} | {r['tokens']} | {r['train_s']:.1f} | {r['tokens_per_s']:.0f} | {r['train_cpu_s']:.1f} "
+                     f"| {r['tokens_per_cpu_s']:.0f} | {r['tokens_per_s'] / b['tokens_per_s']:.2f}x | "
+                     f"{r['tokens_per_cpu_s'] / b['tokens_per_cpu_s']:.2f}x | {r['load'][0]}-{r['load'][1]} | "
+                     f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f} |")
+    ours = [k for k, _ in rows if k.startswith("ours")]
+    lines += ["", "Ray overhead, outside the steps: `ray.init` {:.1f} s (once); ".format(res["ray_init_s"]) + "; ".join(
+        f"{k}: start-up + teardown of the TorchTrainer (controller, placement group, worker processes) "
+        f"{res[k]['ray_startup_teardown_s']:.1f} s, worker setup (model load + DeepSpeed init) "
+        f"{res[k]['worker_setup_s']:.1f} s, after the steps (final report/save) {res[k]['worker_after_steps_s']:.1f} s"
+        for k in ours) + "."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sft-learn", action="store_true")
+    p.add_argument("--dpo-learn", action="store_true")
+    p.add_argument("--sft-speed", action="store_true")
+    p.add_argument("--dpo-speed", action="store_true")
+    p.add_argument("--sft-steps", type=int, default=80)
+    p.add_argument("--sft-lr", type=float, default=2e-5)
+    p.add_argument("--sft-lora", action="store_true", help="sft-learn with LoRA instead of full fine-tuning")
+    p.add_argument("--dev-n", type=int, default=100, help="ARC-Easy dev questions measured before/after SFT")
+    p.add_argument("--dpo-steps", type=int, default=40)
+    p.add_argument("--dpo-lr", type=float, default=5e-6)
+    p.add_argument("--speed-steps", type=int, default=8)
+    p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = p.parse_args(argv)
+    chosen = [(f, fn) for f, fn in (("sft_learn", sft_learn), ("dpo_learn", dpo_learn), ("sft_speed", sft_speed),
+                                    ("dpo_speed", dpo_speed)) if getattr(args, f)]
+    if not chosen:
+        p.error("pick at least one experiment flag")
+    for name, fn in chosen:
+        out = fn(args)
+        print(json.dumps({name: out}, default=str, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
