@@ -1,4 +1,3 @@
-import pytest
 """`stemqa quant report` on the tiny Qwen3: a measured row (int8 weight-only, quantized and measured in fresh
 processes) and a row this machine "cannot run" (bitsandbytes hidden) that says why instead of disappearing;
 checks the CSV, markdown and PNG the report writes."""
@@ -6,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import sys
+
+import pytest
 
 from PIL import Image
 
