@@ -20,7 +20,7 @@ SECTION = "## Quantization trade-off"
 REPORT_ARGS = ["report", "--model", "smollm2-135m-instruct", "--out", str(OUT.relative_to(ROOT)),
                "--settings", "gptq-w4,int8-weight,bnb-4bit,qat-w4,smoothquant-w8a8,bnb-8bit,qat-w2",
                "--n-mmlu", "50", "--n-arc", "50", "--group-size", "64", "--calib-samples", "200",
-               "--qat-steps", "20", "--gen-tokens", "32", "--gen-batch", "8"]
+               "--calib-study", "20,2000", "--qat-steps", "20", "--gen-tokens", "32", "--gen-batch", "8"]
 
 
 def write_section(body: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from jobs.common import config_from, connect, open_run, parser
 from stemqa.data.mcq import load_sources, read_records, write_records
 from stemqa.data.paths import data_root
-from stemqa.tracking import log_stage
+from stemqa.tracking import end_run, log_stage, mark_failed, open_stage
 
 def main(argv=None) -> int:
     p = parser("stemqa pipeline", __doc__)
@@ -33,16 +33,23 @@ def main(argv=None) -> int:
     print(f"run {run.id} at {run.path}\nray {address}; data from {root}")
     timings: dict[str, tuple[float, str]] = {}
 
-    def stage(name, fn, inputs=None, config=None):
-        """Run a stage once: skipped when the manifest says it is done (resume)."""
+    def stage(name, fn, inputs=None, config=None, live=False):
+        """Run a stage once: skipped when the manifest says it is done (resume). The stage's tracker runs are
+        opened first; with live=True `fn(rec, target)` gets them, for its Train workers to log each step."""
         if run.stage_status(name) == "done":
             timings[name] = (0.0, "done earlier (resumed)")
             return run.manifest()["stages"][name]
         print(f"[{name}] ...", flush=True)
         t0 = time.time()
-        with run.stage(name, inputs=inputs, config=config) as rec:
-            summary = fn(rec)
-        log_stage(run, name, run.manifest()["stages"][name]["metrics"], cfg.tracking, config)
+        target = open_stage(run, name, cfg.tracking, config)
+        try:
+            with run.stage(name, inputs=inputs, config=config) as rec:
+                summary = fn(rec, target) if live else fn(rec)
+        except BaseException:
+            mark_failed(target)
+            end_run(run, cfg.tracking, "FAILED")
+            raise
+        log_stage(run, name, run.manifest()["stages"][name]["metrics"], cfg.tracking, config, target)
         timings[name] = (time.time() - t0, summary)
         print(f"[{name}] {summary} ({timings[name][0]:.0f} s)", flush=True)
         return run.manifest()["stages"][name]
@@ -77,20 +84,21 @@ def main(argv=None) -> int:
     stage("filter", do_filter, inputs={"train": "data/train.jsonl"}, config=cfg.filter.model_dump(mode="json"))
 
     # 3. SFT on the kept MCQs
-    def do_sft(rec):
+    def do_sft(rec, live):
         from stemqa.train.sft import run_sft
 
-        res = run_sft(cfg, run.artifact("filter", "kept"), rec.dir, base_model=cfg.model.name)
+        res = run_sft(cfg, run.artifact("filter", "kept"), rec.dir, base_model=cfg.model.name,
+                      tracking=live)
         rec.add_artifact("model", res["model_dir"])
         rec.add_metrics(**res["metrics"])
         m = res["metrics"]
         return f"loss {m.get('train_loss_first', float('nan')):.3f} -> {m.get('train_loss_last', float('nan')):.3f}"
 
     stage("sft", do_sft, inputs={"train": "filter/kept.jsonl", "base_model": cfg.model.name},
-          config=cfg.sft.model_dump(mode="json"))
+          config=cfg.sft.model_dump(mode="json"), live=True)
 
     # 4. DPO from the SFT model, reference = the SFT model (precomputed log-probs)
-    def do_dpo(rec):
+    def do_dpo(rec, live):
         from stemqa.data.preference import prepare_pairs
         from stemqa.models import load_tokenizer
         from stemqa.train.dpo import run_dpo
@@ -98,14 +106,14 @@ def main(argv=None) -> int:
         sft_model = str(run.artifact("sft", "model"))
         pairs = prepare_pairs(cfg.data.preference, root, load_tokenizer(sft_model), cfg.dpo, rec.dir / "pairs")
         rec.add_artifact("pairs", rec.dir / "pairs")
-        res = run_dpo(cfg, rec.dir / "pairs", rec.dir, base_model=sft_model)
+        res = run_dpo(cfg, rec.dir / "pairs", rec.dir, base_model=sft_model, tracking=live)
         rec.add_artifact("model", res["model_dir"])
         rec.add_metrics(pairs=pairs.get("counts", {}), **res["metrics"])
         m = res["metrics"]
         return (f"reward accuracy: val best {m.get('val_reward_accuracy_best', float('nan')):.2f}, "
                 f"test {m.get('test_reward_accuracy', float('nan')):.2f}")
 
-    stage("dpo", do_dpo, inputs={"base_model": "sft/model"}, config=cfg.dpo.model_dump(mode="json"))
+    stage("dpo", do_dpo, inputs={"base_model": "sft/model"}, config=cfg.dpo.model_dump(mode="json"), live=True)
 
     # 5. quantize the DPO model, calibrated on SFT data (a Ray task)
     def do_quant(rec):
@@ -179,6 +187,7 @@ def main(argv=None) -> int:
         stage("serve", do_serve, inputs={"model": "quant/model", "index": "rag/index"},
               config=cfg.serve.model_dump(mode="json"))
 
+    end_run(run, cfg.tracking)
     print_summary(run, timings)
     return 0
 

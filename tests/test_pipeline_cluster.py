@@ -46,6 +46,22 @@ def test_pipeline_submitted_as_a_ray_job(local_cluster, tmp_path, shared_data):
     assert answer["answer"] in "ABCD" and abs(sum(answer["probabilities"].values()) - 1) < 1e-3
     assert "stemqa pipeline" in logs  # the summary table was printed
 
+    # the Train workers logged each step into the stage's MLflow run as they trained (one timestamp per step;
+    # the driver adds only the summary afterwards), the runs children of the stemqa run's parent run
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants it for a file store
+    client = MlflowClient(tracking_uri=(tmp_path / "runs" / "mlruns").as_uri())
+    exp = client.get_experiment_by_name("stemqa")
+    logged = {r.data.tags["stemqa_stage"]: r for r in client.search_runs([exp.experiment_id])}
+    assert {"-", "data", "sft", "dpo", "eval"} <= set(logged)
+    assert {r.info.status for r in logged.values()} == {"FINISHED"}  # the parent run too, at the end
+    for stage, key, steps in (("sft", "train/loss", [1, 2]), ("dpo", "val/reward_accuracy", [0, 1, 2])):
+        hist = client.get_metric_history(logged[stage].info.run_id, key)
+        assert sorted(h.step for h in hist) == steps, (stage, hist)
+        assert len({h.timestamp for h in hist}) == len(steps), (stage, hist)
+    assert logged["sft"].data.metrics["train_loss_last"] == pytest.approx(stages["sft"]["metrics"]["train_loss_last"])
+
     # the app keeps serving after the job: a second question over real HTTP
     r = httpx.post("http://127.0.0.1:8011/v1/mcqa", json={"question": "Which gas do plants take in?",
                    "choices": ["oxygen", "carbon dioxide"], "use_rag": True, "top_k": 2}, timeout=60)

@@ -1,10 +1,17 @@
-"""SFT: prompt masking against HF's own labels loss, and a real Ray Train + DeepSpeed run on tiny-qwen3."""
+"""SFT: prompt masking against HF's own labels loss, and a real Ray Train + DeepSpeed run on tiny-qwen3 that logs
+each step to MLflow and TensorBoard as it trains."""
+import time
+
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
+from test_tracking import read_tb_scalars
 
 from stemqa.config import load_config
 from stemqa.data.mcq import MCQ, load_file, write_records
 from stemqa.models.loader import load_causal_lm, load_tokenizer
+from stemqa.runs import Run
+from stemqa.tracking import TrackingConfig, log_stage, open_stage
 from stemqa.train.sft import collate, completion_loss, encode_mcq, pack, packed_token_logps, run_sft
 
 Q = MCQ("q1", "physics", "What is the unit of force?", ["joule", "newton", "watt", "pascal"], 1, "t")
@@ -81,9 +88,26 @@ def test_sft_run_saves_loadable_model_and_loss_falls(ray_local, shared_data, tin
     write_records(records, tmp_path / "train.jsonl")
     cfg = load_config("demo", ["model.name=tiny-qwen3", "sft.lr=1e-3", "sft.max_steps=6", "sft.checkpoint_every=3",
                                "sft.resources.zero_stage=3"])
-    result = run_sft(cfg, tmp_path / "train.jsonl", tmp_path / "out")
+    run = Run.create(str(tmp_path / "runs"), "t")
+    tracking = TrackingConfig(experiment="live")  # MLflow file store + TensorBoard, the default backends
+    live = open_stage(run, "sft", tracking, {"lr": 1e-3})
+    result = run_sft(cfg, tmp_path / "train.jsonl", tmp_path / "out", tracking=live)
+    returned_ms = time.time() * 1000
     m = result["metrics"]
     assert m["steps"] == 6 and m["train_samples"] == 36 and m["eval_samples"] == 4
+    log_stage(run, "sft", m, tracking, {"lr": 1e-3}, live)
+    # the Train worker logged each step into the stage's MLflow run while it trained (each step at its own
+    # time, all before run_sft returned); the driver added the summary only, so no step appears twice
+    client = MlflowClient(tracking_uri=live.mlflow_uri)
+    hist = sorted(client.get_metric_history(live.mlflow_run_id, "train/loss"), key=lambda h: h.step)
+    assert [h.step for h in hist] == [1, 2, 3, 4, 5, 6]
+    assert [h.value for h in hist] == pytest.approx(m["losses"])
+    assert len({h.timestamp for h in hist}) == 6 and hist[-1].timestamp <= returned_ms
+    logged = client.get_run(live.mlflow_run_id)
+    assert logged.data.metrics["train_loss_last"] == pytest.approx(m["train_loss_last"])
+    assert logged.data.params["lr"] == "0.001" and logged.info.status == "FINISHED"
+    assert [v for _, v in sorted(read_tb_scalars(run.path / "tensorboard/sft")["train/loss"])] == \
+        pytest.approx(m["losses"])
     assert m["eval_loss"] < m["eval_loss_before"] - 0.1, m
     assert m["train_loss_last"] < m["train_loss_first"], m
     assert m["tokens"] > 0 and m["tokens_per_s"] > 0

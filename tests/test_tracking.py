@@ -212,3 +212,67 @@ def test_tune_sweep_logs_each_trial_to_mlflow(tmp_path, ray_local):
         lr = float(t.data.params["lr"])
         hist = sorted(client.get_metric_history(t.info.run_id, "loss"), key=lambda m: m.step)
         assert [m.value for m in hist] == pytest.approx([lr * 3, lr * 2, lr * 1])
+
+
+def test_step_logger_logs_live_and_the_driver_adds_only_the_summary(tmp_path, monkeypatch):
+    """What a Train worker's rank 0 does (StepLogger through Ray's setup_mlflow / setup_wandb, TensorBoard), then
+    the driver's log_stage: each step once in every tracker, with the summary beside it; other ranks log nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from stemqa.tracking import StepLogger, open_stage
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = Run.create(str(tmp_path), "t", run_id="r1")
+    cfg = TrackingConfig(experiment="live", backends=["mlflow", "tensorboard", "wandb"])
+    live = open_stage(run, "dpo", cfg, {"beta": 0.1})
+    assert client_status(live) == "RUNNING"  # the stage's run exists while it runs
+    evals = real_dpo_evals()
+    losses = [0.69, 0.61, 0.52, 0.47]
+    assert StepLogger.open(live.model_dump(), rank=1)._mlflow is None  # other ranks: a no-op logger
+    logger = StepLogger.open(live.model_dump(), rank=0)
+    for step in range(0, 5):
+        vals = {"train/loss": losses[step - 1]} if step else {}
+        vals.update({f"val/{k}": v for e in evals if e["step"] == step for k, v in e.items() if k != "step"})
+        logger.log(step, vals)
+    logger.close()
+    metrics = {"losses": losses, "evals": evals, "val_reward_accuracy_best": 0.875, "tracked_live": True}
+    log_stage(run, "dpo", metrics, cfg, {"beta": 0.1}, live)
+
+    client = MlflowClient(tracking_uri=live.mlflow_uri)
+    got = client.get_run(live.mlflow_run_id)
+    hist = client.get_metric_history(live.mlflow_run_id, "train/loss")
+    assert sorted((h.step, h.value) for h in hist) == list(zip([1, 2, 3, 4], losses))  # once each
+    assert [h.step for h in client.get_metric_history(live.mlflow_run_id, "val/reward_accuracy")] == [0, 2, 4]
+    assert got.data.metrics["val_reward_accuracy_best"] == 0.875 and "tracked_live" not in got.data.metrics
+    assert got.data.params["beta"] == "0.1" and got.info.status == "FINISHED"
+    tb = read_tb_scalars(run.path / "tensorboard" / "dpo")
+    assert sorted(tb["train/loss"]) == [(s, pytest.approx(v)) for s, v in zip([1, 2, 3, 4], losses)]
+    assert [v for _, v in tb["final/val_reward_accuracy_best"]] == [0.875]
+    files = list((run.path / "wandb").glob(f"offline-run-*-{live.wandb_id}/run-{live.wandb_id}.wandb"))
+    assert files and any(b"train/loss" in f.read_bytes() and b"0.47" in f.read_bytes() for f in files), files
+    assert [json.loads(line)["step"] for line in (run.path / "dpo/metrics.jsonl").read_text().splitlines()] == \
+        [0, 1, 2, 3, 4, None]  # the run directory keeps everything whatever the trackers
+
+
+def client_status(live) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=live.mlflow_uri).get_run(live.mlflow_run_id).info.status
+
+
+def test_a_crashed_stage_is_marked_failed(tmp_path):
+    from stemqa.tracking import mark_failed, open_stage
+
+    run = Run.create(str(tmp_path), "t")
+    live = open_stage(run, "sft", TrackingConfig(backends=["mlflow"]))
+    mark_failed(live)
+    assert client_status(live) == "FAILED"
+    from mlflow.tracking import MlflowClient
+
+    from stemqa.tracking import end_run
+
+    end_run(run, TrackingConfig(backends=["mlflow"]), "FAILED")
+    client = MlflowClient(tracking_uri=live.mlflow_uri)
+    parent = client.get_run(client.get_run(live.mlflow_run_id).data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED" and parent.data.tags["stemqa_stage"] == "-"

@@ -20,6 +20,7 @@ from typing import Optional
 
 from stemqa.config.schema import DPOConfig, StemqaConfig
 from stemqa.data.preference import SPLITS, Pair, read_pairs
+from stemqa.tracking import LiveTarget, StepLogger
 from stemqa.train import common
 from stemqa.train.losses import dpo_loss
 
@@ -173,12 +174,14 @@ def train_loop(config: dict) -> None:
     engine = common.make_engine(model, res, dpo.lr, dpo.batch_size, dpo.grad_accum, total)
     restored = common.restore_checkpoint(engine)
     resumed_from = restored["step"] if restored else None  # `state` below is this dict and moves on
+    tracker = StepLogger.open(config.get("tracking"), r)  # the stage's tracker runs, live (rank 0)
     state = restored or {
         "step": 0, "losses": [], "tokens": 0, "train_s": 0.0, "evals": [], "best_acc": None, "best_step": None,
         "bad_evals": 0, "stopped_early": False, "sample_ids": []}
     if not state["evals"]:
         before = _evaluate(engine, val, dpo, pad_id)
         state["evals"].append({"step": 0, **before})
+        tracker.log(0, {f"val/{k}": v for k, v in before.items()})
         state["best_acc"], state["best_step"] = before["reward_accuracy"], 0
     setup_s = time.perf_counter() - t_start
     cpu_s = 0.0  # this process's CPU seconds in the optimizer steps of this attempt (benchmarks)
@@ -198,6 +201,7 @@ def train_loop(config: dict) -> None:
         loss_sum, tokens = common.all_reduce_sum([loss_sum, tokens])
         state["step"] += 1
         state["losses"].append(loss_sum / (dpo.grad_accum * world))
+        tracker.log(state["step"], {"train/loss": state["losses"][-1]})
         state["tokens"] += int(tokens)
         state["train_s"] += time.perf_counter() - t0
         cpu_s += time.process_time() - c0
@@ -206,6 +210,7 @@ def train_loop(config: dict) -> None:
         if state["step"] % dpo.eval_every == 0 or state["step"] == total:
             ev = _evaluate(engine, val, dpo, pad_id)
             state["evals"].append({"step": state["step"], **ev})
+            tracker.log(state["step"], {f"val/{k}": v for k, v in ev.items()})
             if ev["reward_accuracy"] > state["best_acc"]:
                 state["best_acc"], state["best_step"], state["bad_evals"] = ev["reward_accuracy"], state["step"], 0
                 _save_best(engine, dpo, config)
@@ -227,6 +232,7 @@ def train_loop(config: dict) -> None:
             else:
                 ray.train.report(metrics)  # every rank reports (Train V2 waits for all)
 
+    tracker.close()
     if state["best_step"] == 0 and r == 0:  # never beat the start: the best model is the starting one
         common.save_hf_model(None, config["base_path"], None, Path(config["model_dir"]))
     common.report_checkpoint(engine, state, {
@@ -242,6 +248,7 @@ def train_loop(config: dict) -> None:
         "resumed_from_step": resumed_from,
         "train_cpu_s": common.all_reduce_sum([cpu_s])[0],  # all ranks, this attempt only
         "losses": state["losses"],  # train loss per optimizer step, for stemqa.tracking and the report
+        "tracked_live": bool(config.get("tracking")),  # the steps are in the trackers already
         "step": state["step"], "train_loss": state["losses"][-1] if state["losses"] else None,
         **_eval_metrics(state),  # the keys of the intermediate reports
     })
@@ -278,11 +285,12 @@ def reward_accuracy(policy: dict, ref: dict, beta: float) -> dict:
 def run_dpo(cfg: StemqaConfig, pairs_dir: Path, out_dir: Path, base_model: str, run_name: str = "dpo",
             log_sample_ids: bool = False,
             fail_at_step: Optional[int] = None, callbacks: Optional[list] = None,
-            report_evals: bool = False) -> dict:
+            report_evals: bool = False, tracking: Optional[LiveTarget] = None) -> dict:
     """DPO from `base_model` on pairs_dir/{train,val,test}.jsonl (from `prepare_pairs`); Ray initialised by the
     caller. Returns {"model_dir", "metrics"} with val reward accuracy before/best and test reward accuracy.
     Sweeps pass `callbacks` (Ray Train callbacks, e.g. TuneReportCallback) and `report_evals` (report each
-    validation as it happens)."""
+    validation as it happens). `tracking` (stemqa.tracking.open_stage): rank 0 logs each step's train loss and
+    each validation to the stage's tracker runs while it trains."""
     import ray
     from ray.train.torch import TorchTrainer
 
@@ -306,7 +314,8 @@ def run_dpo(cfg: StemqaConfig, pairs_dir: Path, out_dir: Path, base_model: str, 
             _with_ref(tok, pairs["val"], ref["scores"]["val"], dpo.max_len))
     config = {"dpo": dpo.model_dump(mode="json"), "data_ref": ray.put(data), "pad_id": tok.pad_token_id,
               "base_path": base_path, "model_dir": str(out_dir / "model"),
-              "log_sample_ids": log_sample_ids, "fail_at_step": fail_at_step, "report_evals": report_evals}
+              "log_sample_ids": log_sample_ids, "fail_at_step": fail_at_step, "report_evals": report_evals,
+              "tracking": tracking.model_dump() if tracking else None}
     trainer = TorchTrainer(train_loop, train_loop_config=config, scaling_config=common.scaling_config(dpo.resources),
                            run_config=common.run_config(out_dir, run_name, dpo.resources, quiet=cfg.cluster.quiet,
                                                         callbacks=callbacks))

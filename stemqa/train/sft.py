@@ -22,6 +22,7 @@ from typing import Optional
 from stemqa.config.schema import SFTConfig, StemqaConfig
 from stemqa.data.mcq import MCQ, read_records
 from stemqa.data.prompt import harness_prompt, target
+from stemqa.tracking import LiveTarget, StepLogger
 from stemqa.train import common
 
 def encode_mcq(tok, q: MCQ, max_seq_len: int) -> dict:
@@ -143,6 +144,7 @@ def train_loop(config: dict) -> None:
                                 int(sft.warmup_ratio * total))
     restored = common.restore_checkpoint(engine)
     resumed_from = restored["step"] if restored else None  # `state` below is this dict and moves on
+    tracker = StepLogger.open(config.get("tracking"), r)  # the stage's tracker runs, live (rank 0)
     state = restored or {"step": 0, "losses": [], "tokens": 0, "train_s": 0.0,
                                                   "eval_loss_before": None, "sample_ids": []}
     if state["eval_loss_before"] is None and held:
@@ -167,6 +169,7 @@ def train_loop(config: dict) -> None:
         loss_sum, n_tok, tokens = common.all_reduce_sum([loss_sum, n_tok, tokens])
         state["step"] += 1
         state["losses"].append(loss_sum / max(n_tok, 1.0))
+        tracker.log(state["step"], {"train/loss": state["losses"][-1]})
         state["tokens"] += int(tokens)
         state["train_s"] += time.perf_counter() - t0
         cpu_s += time.process_time() - c0
@@ -189,6 +192,7 @@ def train_loop(config: dict) -> None:
                 ray.train.report(metrics)  # every rank reports (Train V2 waits for all)
 
     eval_loss = _eval_loss(engine, held, sft.batch_size, pad_id, sft.packing) if held else None
+    tracker.close()
     weights = common.full_state_dict(engine, res.zero_stage)
     if r == 0:
         common.save_hf_model(weights, config["base_path"], sft.lora, Path(config["model_dir"]))
@@ -205,6 +209,7 @@ def train_loop(config: dict) -> None:
         "resumed_from_step": resumed_from,
         "train_cpu_s": common.all_reduce_sum([cpu_s])[0],  # all ranks, this attempt only
         "losses": state["losses"],  # train loss per optimizer step, for stemqa.tracking and the report
+        "tracked_live": bool(config.get("tracking")),  # the steps are in the trackers already
     })
 
 
@@ -219,13 +224,14 @@ def prepare_samples(cfg: StemqaConfig, train_path: Path, tok) -> tuple[list[dict
 def run_sft(cfg: StemqaConfig, train_path: Path, out_dir: Path, base_model: Optional[str] = None,
             run_name: str = "sft", log_sample_ids: bool = False,
             fail_at_step: Optional[int] = None, callbacks: Optional[list] = None,
-            report_every: Optional[int] = None) -> dict:
+            report_every: Optional[int] = None, tracking: Optional[LiveTarget] = None) -> dict:
     """Fine-tune `base_model` (default cfg.model.name) on the MCQ records in `train_path`.
 
     Ray must be initialised by the caller. Checkpoints go to out_dir/ray/<run_name> (re-running with the same
     out_dir and run_name resumes); the model to out_dir/model. Returns {"model_dir", "metrics"}.
     Sweeps pass `callbacks` (Ray Train callbacks, e.g. TuneReportCallback) and `report_every` (report
-    {step, train_loss, eval_loss} every N optimizer steps).
+    {step, train_loss, eval_loss} every N optimizer steps). `tracking` (stemqa.tracking.open_stage): rank 0 logs
+    each step's train loss to the stage's tracker runs while it trains.
     """
     import ray
     from ray.train.torch import TorchTrainer
@@ -241,7 +247,8 @@ def run_sft(cfg: StemqaConfig, train_path: Path, out_dir: Path, base_model: Opti
     train, held = prepare_samples(cfg, Path(train_path), tok)
     config = {"sft": cfg.sft.model_dump(mode="json"), "data_ref": ray.put((train, held)), "pad_id": tok.pad_token_id,
               "base_path": base_path, "model_dir": str(out_dir / "model"),
-              "log_sample_ids": log_sample_ids, "fail_at_step": fail_at_step, "report_every": report_every}
+              "log_sample_ids": log_sample_ids, "fail_at_step": fail_at_step, "report_every": report_every,
+              "tracking": tracking.model_dump() if tracking else None}
     trainer = TorchTrainer(train_loop, train_loop_config=config,
                            scaling_config=common.scaling_config(cfg.sft.resources),
                            run_config=common.run_config(out_dir, run_name, cfg.sft.resources,
