@@ -4,6 +4,7 @@ The measuring is stemqa.quant.report (one fresh process per row); this script on
 benchmark's settings and replaces the "## Quantization trade-off" section of benchmarks/BENCHMARKS.md.
 
     python benchmarks/bench_quant.py          # SmolLM2-135M, every setting (the command in BENCHMARKS.md)
+    python benchmarks/bench_quant.py --resume # keep the rows an interrupted run finished, measure the rest
     python benchmarks/bench_quant.py --from-existing    # only re-write BENCHMARKS.md from benchmarks/out/quant
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ OUT = ROOT / "benchmarks" / "out" / "quant"
 BENCH_MD = ROOT / "benchmarks" / "BENCHMARKS.md"
 SECTION = "## Quantization trade-off"
 REPORT_ARGS = ["report", "--model", "smollm2-135m-instruct", "--out", str(OUT.relative_to(ROOT)),
-               "--settings", "gptq-w4,int8-weight,bnb-4bit,qat-w4,smoothquant-w8a8,bnb-8bit,qat-w2",
+               "--settings", "int8-weight,bnb-4bit,bnb-8bit,smoothquant-w8a8,qat-w4,qat-w2,gptq-w4",
                "--n-mmlu", "50", "--n-arc", "50", "--group-size", "64", "--calib-samples", "200",
                "--calib-study", "20,2000", "--qat-steps", "20", "--gen-tokens", "32", "--gen-batch", "8"]
 
@@ -53,13 +54,14 @@ def main(argv=None) -> int:
                    help="do not measure; build the outputs from the rows an interrupted report finished, the "
                    "planned rows it did not reach get NOTE")
     p.add_argument("--header", default="", help="text above the table (with --from-partial)")
+    p.add_argument("--resume", action="store_true", help="keep the rows an interrupted run finished")
     args = p.parse_args(argv)
     if args.from_partial:
         from_partial(args.from_partial, args.header)
     elif not args.from_existing:
         from stemqa.cli import quant_main
 
-        if quant_main(REPORT_ARGS) != 0:
+        if quant_main(REPORT_ARGS + ["--resume"] * args.resume) != 0:
             return 1
     md = (OUT / "quant_report.md").read_text()
     write_section(md + f"\nFigure: `benchmarks/out/quant/quant_tradeoff.png`; CSV: `benchmarks/out/quant/quant_report.csv`.")

@@ -274,7 +274,9 @@ def trl_sft(samples: list[dict], steps: int, padding_free: bool) -> dict:
                              "completion_mask": [0] * len(s["prompt"]) + [1] * len(s["completion"])} for s in samples])
     clock = _StepClock()
     with tempfile.TemporaryDirectory() as d:
-        args = SFTConfig(**_trl_common(Path(d), steps, 4, 2, 2e-5), max_length=256, completion_only_loss=True,
+        # padding-free without packing does not truncate, so TRL wants max_length=None: encode_mcq already cut at 256
+        args = SFTConfig(**_trl_common(Path(d), steps, 4, 2, 2e-5), max_length=None if padding_free else 256,
+                         completion_only_loss=True,
                          padding_free=padding_free, packing=False)
         trainer = SFTTrainer(model=load_causal_lm(path, dtype="float32").train(), args=args, train_dataset=ds,
                              processing_class=load_tokenizer(path), callbacks=[clock])

@@ -49,6 +49,8 @@ def quant_main(argv=None) -> int:
     r.add_argument("--gen-tokens", type=int, default=32)
     r.add_argument("--gen-batch", type=int, default=8, help="the larger generation batch")
     r.add_argument("--keep-models", action="store_true", help="keep the quantized model directories")
+    r.add_argument("--resume", action="store_true", help="keep the rows an interrupted report in --out finished "
+                   "(same measuring settings) and measure only the rest")
     args = p.parse_args(argv)
 
     from stemqa.quant.report import DEFAULT_SETTINGS, report
@@ -60,7 +62,7 @@ def quant_main(argv=None) -> int:
         res = report(args.model, args.out, names, args.n_mmlu, args.n_arc, calib_samples=args.calib_samples,
                      calib_study=study, group_size=args.group_size, qat_steps=args.qat_steps, threads=args.threads,
                      gen_tokens=args.gen_tokens, gen_batch=args.gen_batch, keep_models=args.keep_models,
-                     command=command)
+                     command=command, resume=args.resume)
     except ValueError as e:
         print(f"stemqa quant: {e}", file=sys.stderr)
         return 2

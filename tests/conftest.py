@@ -75,3 +75,21 @@ def local_cluster(tmp_path_factory):
     yield {"address": address, "dashboard": f"http://127.0.0.1:{env['STEMQA_DASHBOARD_PORT']}", "env": env}
     subprocess.run(["bash", str(ROOT / "cluster" / "local.sh"), "stop"], env=env, capture_output=True, timeout=120)
     shutil.rmtree(cluster_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def submit_job(local_cluster):
+    """`ray job submit --working-dir . -- python -m <args>` to the local cluster, as a user would; returns the logs.
+
+    `ray job submit` follows the job's logs and exits non-zero when the job fails, so a failed job fails the
+    test with its last lines; the timeout bounds it, so it never hangs."""
+    env = dict(local_cluster["env"], RAY_ADDRESS=local_cluster["dashboard"])
+
+    def submit(*args: str, timeout: int = 900) -> str:
+        out = subprocess.run([env["RAY"], "job", "submit", "--working-dir", str(ROOT), "--", "python", "-m", *args],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+        logs = out.stdout + out.stderr
+        assert out.returncode == 0, logs[-5000:]
+        return logs
+
+    return submit

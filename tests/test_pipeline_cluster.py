@@ -8,7 +8,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
@@ -19,17 +18,12 @@ def test_local_cluster_has_two_nodes(local_cluster):
     assert len(nodes) == 2 and sum(n["is_head_node"] for n in nodes) == 1
 
 
-def test_pipeline_submitted_as_a_ray_job(local_cluster, tmp_path, shared_data):
+def test_pipeline_submitted_as_a_ray_job(submit_job, tmp_path, shared_data):
     """Every stage runs on the cluster, artifacts land in the run directory, the served model answers."""
     run_dir = tmp_path / "runs" / "tiny-job"
-    env = dict(local_cluster["env"], RAY_ADDRESS=local_cluster["dashboard"])
-    cmd = [RAY, "job", "submit", "--working-dir", str(ROOT), "--",
-           "python", "-m", "jobs.pipeline", "--config", "tests/configs/tiny.yaml", "--run", str(run_dir),
-           "--set", f"data.root={shared_data}", "--set", f"cluster.storage_path={tmp_path / 'runs'}"]
-    # `ray job submit` follows the job's logs and exits non-zero when the job fails; bounded, never hangs
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
-    logs = out.stdout + out.stderr
-    assert out.returncode == 0, logs[-5000:]
+    logs = submit_job("jobs.pipeline", "--config", "tests/configs/tiny.yaml", "--run", str(run_dir),
+                      "--set", f"data.root={shared_data}", "--set", f"cluster.storage_path={tmp_path / 'runs'}",
+                      timeout=1200)
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     stages = manifest["stages"]

@@ -50,3 +50,31 @@ def test_quant_cli_rejects_an_unknown_setting(capsys):
         rc = e.code
     assert rc == 2
     assert "unknown quantization setting(s) ['awq-w4']" in capsys.readouterr().err
+
+
+def test_quant_report_resume_keeps_finished_rows_and_refuses_other_settings(tiny_model, tmp_path):
+    """An interrupted report's finished rows are kept by --resume (nothing re-measured, so no process is
+    spawned here); a partial report measured with other settings, or a corrupt line, is refused by name."""
+    import json
+
+    from stemqa.quant.report import PARTIAL, PARTIAL_ARGS, Row, measure_rows
+
+    sets = {"mmlu_stem": [object()] * 3, "arc_easy": [object()] * 2}
+    measuring = {"model": tiny_model, "questions": {"mmlu_stem": 3, "arc_easy": 2}, "calib_pool": 4, "threads": 2,
+                 "gen_tokens": 3, "gen_batch": 2}
+    earlier = {"setting": "full precision", "method": "none", "mmlu_stem_acc": 0.5, "tok_s_b1": 9.0}
+    (tmp_path / PARTIAL).write_text(json.dumps(earlier) + "\n")
+    (tmp_path / PARTIAL_ARGS).write_text(json.dumps(measuring))
+    logged = []
+    rows = measure_rows(tiny_model, [Row("full precision", None)], sets, [None] * 4, tmp_path, threads=2,
+                        gen_tokens=3, gen_batch=2, log=logged.append, resume=True)
+    assert rows == [earlier] and logged == ["kept from the interrupted report: full precision"]
+    assert (tmp_path / PARTIAL).read_text() == json.dumps(earlier) + "\n"  # still there for the next resume
+
+    with pytest.raises(ValueError, match="cannot resume from .*partial.*run without --resume"):
+        measure_rows(tiny_model, [Row("full precision", None)], sets, [None] * 4, tmp_path, threads=2,
+                     gen_tokens=3, gen_batch=4, log=logged.append, resume=True)  # another generation batch
+    (tmp_path / PARTIAL).write_text(json.dumps(earlier) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"partial.jsonl, line 2: not JSON"):
+        measure_rows(tiny_model, [Row("full precision", None)], sets, [None] * 4, tmp_path, threads=2,
+                     gen_tokens=3, gen_batch=2, log=logged.append, resume=True)

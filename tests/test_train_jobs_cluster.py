@@ -1,24 +1,9 @@
 """`jobs.sft` and `jobs.dpo` submitted with Ray's own `ray job submit` to the real local two-node cluster, as a
 user would; the saved models load with plain transformers and `jobs.eval` scores the DPO model."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def submit(cluster, *args, timeout=900) -> str:
-    """`ray job submit --working-dir . -- python -m <args>`; follows the logs, fails the test on a failed job."""
-    env = dict(cluster["env"], RAY_ADDRESS=cluster["dashboard"])
-    out = subprocess.run([RAY, "job", "submit", "--working-dir", str(ROOT), "--", "python", "-m", *args],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
-    logs = out.stdout + out.stderr
-    assert out.returncode == 0, logs[-5000:]  # `ray job submit` exits non-zero unless the job succeeded
-    return logs
 
 
 def last_json(logs: str) -> dict:
@@ -29,7 +14,7 @@ def last_json(logs: str) -> dict:
 
 @pytest.mark.cluster
 @pytest.mark.slow  # two Ray Train runs (each ~45 s of start-up on 2 CPUs) and an eval: 3-5 min
-def test_sft_then_dpo_submitted_as_ray_jobs_save_models_that_load_and_evaluate(local_cluster, shared_data,
+def test_sft_then_dpo_submitted_as_ray_jobs_save_models_that_load_and_evaluate(submit_job, shared_data,
                                                                                tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -39,21 +24,21 @@ def test_sft_then_dpo_submitted_as_ray_jobs_save_models_that_load_and_evaluate(l
     write_records(records, tmp_path / "train.jsonl")
     common = ["--config", "tests/configs/tiny.yaml", "--set", f"data.root={shared_data}"]
 
-    sft = last_json(submit(local_cluster, "jobs.sft", *common, "--train", str(tmp_path / "train.jsonl"),
-                           "--out", str(tmp_path / "sft")))
+    sft = last_json(submit_job("jobs.sft", *common, "--train", str(tmp_path / "train.jsonl"),
+                               "--out", str(tmp_path / "sft")))
     assert sft["metrics"]["steps"] == 2 and Path(sft["model_dir"]).is_dir()
     assert AutoModelForCausalLM.from_pretrained(sft["model_dir"]).config.model_type == "qwen3"
     assert any(Path(sft["model_dir"]).glob("*.safetensors")) and not any(Path(sft["model_dir"]).glob("*.bin"))
 
-    dpo = last_json(submit(local_cluster, "jobs.dpo", *common, "--prepare", "--pairs", str(tmp_path / "pairs"),
-                           "--model", sft["model_dir"], "--out", str(tmp_path / "dpo")))
+    dpo = last_json(submit_job("jobs.dpo", *common, "--prepare", "--pairs", str(tmp_path / "pairs"),
+                               "--model", sft["model_dir"], "--out", str(tmp_path / "dpo")))
     assert (tmp_path / "pairs" / "train.jsonl").is_file() and dpo["pairs"]["train"] > 0
     assert 0 <= dpo["metrics"]["val_reward_accuracy_best"] <= 1
     model = AutoModelForCausalLM.from_pretrained(dpo["model_dir"])
     assert model.config.model_type == "qwen3"
 
-    logs = submit(local_cluster, "jobs.eval", *common, "--model", dpo["model_dir"], "--out", str(tmp_path / "eval"),
-                  timeout=600)
+    logs = submit_job("jobs.eval", *common, "--model", dpo["model_dir"], "--out", str(tmp_path / "eval"),
+                      timeout=600)
     metrics = json.loads((tmp_path / "eval" / "mmlu_stem" / "metrics.json").read_text())
     assert metrics["n"] == 8 and 0 <= metrics["accuracy"] <= 1
     preds = (tmp_path / "eval" / "mmlu_stem" / "predictions.jsonl").read_text().splitlines()

@@ -46,6 +46,7 @@ COLUMNS = ["setting", "method", "bits", "act_bits", "group_size", "calib_samples
 
 
 PARTIAL = "quant_report.partial.jsonl"  # one line per finished row, written as the report goes
+PARTIAL_ARGS = "quant_report.partial.args.json"  # what those rows were measured with (for --resume)
 
 
 @dataclass(frozen=True)
@@ -153,17 +154,51 @@ def _size_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in Path(path).glob("*.safetensors")) / 1e6, 1)
 
 
+def _resumable_rows(work_dir: Path, measuring: dict, resume: bool) -> dict[str, dict]:
+    """The rows an earlier (interrupted) report measured under the same measuring settings, by setting label.
+
+    Without `resume` the earlier rows are discarded. Failed rows are measured again. A partial report measured
+    under other settings (model, question counts, generation, threads) is refused rather than mixed in."""
+    partial, args_file = Path(work_dir) / PARTIAL, Path(work_dir) / PARTIAL_ARGS
+    done: dict[str, dict] = {}
+    if resume and partial.exists():
+        earlier = json.loads(args_file.read_text()) if args_file.exists() else None
+        if earlier != measuring:
+            raise ValueError(f"cannot resume from {partial}: it was measured with {earlier}, this report uses "
+                             f"{measuring}; run without --resume to start over")
+        for n, line in enumerate(partial.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{partial}, line {n}: not JSON ({e.msg})") from e
+                if not str(row.get("note", "")).startswith("failed"):
+                    done[row["setting"]] = row
+    partial.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+    args_file.write_text(json.dumps(measuring))
+    return done
+
+
 def measure_rows(model: str, rows: Sequence[Row], sets: dict, calib: Sequence, work_dir: Path, threads: int = 2,
-                 gen_tokens: int = 32, gen_batch: int = 8, keep_models: bool = False, log=print) -> list[dict]:
-    """Quantize (if needed) and measure every row, each step in a fresh process; a failing row gets a note."""
+                 gen_tokens: int = 32, gen_batch: int = 8, keep_models: bool = False, log=print,
+                 resume: bool = False) -> list[dict]:
+    """Quantize (if needed) and measure every row, each step in a fresh process; a failing row gets a note.
+
+    Each finished row is appended to PARTIAL at once; `resume` keeps the rows an interrupted report finished."""
     from stemqa.models import resolve_model
     from stemqa.quant.methods import METHODS, missing_requirements
 
     src = str(resolve_model(model))
     Path(work_dir).mkdir(parents=True, exist_ok=True)
-    (Path(work_dir) / PARTIAL).unlink(missing_ok=True)
+    measuring = {"model": model, "questions": {k: len(v) for k, v in sets.items()}, "calib_pool": len(calib),
+                 "threads": threads, "gen_tokens": gen_tokens, "gen_batch": gen_batch}
+    done = _resumable_rows(Path(work_dir), measuring, resume)
     out = []
     for r in rows:
+        if r.label in done:
+            log(f"kept from the interrupted report: {r.label}")
+            out.append(done[r.label])
+            continue
         q = r.qcfg
         m = METHODS[q.method] if q else None
         row = {"setting": r.label, "method": q.method if q else "none", "bits": m.bits(q) if q else 32,
@@ -274,7 +309,7 @@ def report(model: str, out_dir: Path, names: Sequence[str] = DEFAULT_SETTINGS, n
            n_arc: int = 100, calib: Optional[Sequence] = None, calib_samples: int = 200,
            calib_study: Sequence[int] = (), group_size: int = 64, qat_steps: Optional[int] = None,
            threads: int = 2, gen_tokens: int = 32, gen_batch: int = 8, keep_models: bool = False,
-           command: str = "", log=print, full_precision: bool = True) -> dict:
+           command: str = "", log=print, full_precision: bool = True, resume: bool = False) -> dict:
     """Build the rows, measure them, write the CSV / markdown / JSON / PNG; returns {"rows", "paths"}."""
     from stemqa.data.mcq import load_file
     from stemqa.data.paths import data_root
@@ -285,10 +320,12 @@ def report(model: str, out_dir: Path, names: Sequence[str] = DEFAULT_SETTINGS, n
         calib, _ = load_file(data_root() / "mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", subject="science")
     sets = load_eval_sets(n_mmlu, n_arc)
     t0 = time.perf_counter()
-    measured = measure_rows(model, rows, sets, calib, Path(out_dir), threads, gen_tokens, gen_batch, keep_models, log)
+    measured = measure_rows(model, rows, sets, calib, Path(out_dir), threads, gen_tokens, gen_batch, keep_models, log,
+                            resume)
     header = (f"Model `{model}`; {len(sets['mmlu_stem'])} MMLU-STEM + {len(sets['arc_easy'])} ARC-Easy questions "
               f"(letter scoring, 0-shot); generation {gen_tokens} new tokens greedy; {time.strftime('%Y-%m-%d')}, "
-              f"{platform.machine()}, {os.cpu_count()} CPUs, {threads} torch threads; total {time.perf_counter() - t0:.0f} s."
+              f"{platform.machine()}, {os.cpu_count()} CPUs, {threads} torch threads; total {time.perf_counter() - t0:.0f} s"
+              f"{' (rows kept by --resume not counted)' if resume else ''}."
               + (f"\n\nCommand: `{command}`" if command else ""))
     paths = write_outputs(measured, Path(out_dir), header, f"Quantization trade-off, {model}")
     return {"rows": measured, "paths": paths}
