@@ -64,12 +64,14 @@ def fit(trainer) -> dict:
 
 # ---------------------------------------------------------------- worker side
 def worker_setup(res: TrainResources) -> None:
-    """Threads to match the CPUs this worker holds (fractional CPUs would otherwise be oversubscribed)."""
+    """Threads to match the CPUs this worker holds (fractional CPUs would otherwise be oversubscribed).
+
+    Rounded, not floored: a lone worker given 1.9 of 2 CPUs (0.1 left for the driver) uses both cores."""
     import torch
 
     if not res.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator: gloo, shm comm op
-    torch.set_num_threads(max(1, int(res.cpus_per_worker)))
+    torch.set_num_threads(max(1, round(res.cpus_per_worker)))
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
