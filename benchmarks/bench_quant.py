@@ -19,7 +19,7 @@ OUT = ROOT / "benchmarks" / "out" / "quant"
 BENCH_MD = ROOT / "benchmarks" / "BENCHMARKS.md"
 SECTION = "## Quantization trade-off"
 REPORT_ARGS = ["report", "--model", "smollm2-135m-instruct", "--out", str(OUT.relative_to(ROOT)),
-               "--settings", "int8-weight,bnb-4bit,bnb-8bit,smoothquant-w8a8,qat-w4,qat-w2,gptq-w4",
+               "--settings", "int8-weight,bnb-4bit,bnb-8bit,smoothquant-w8a8,qat-w4,qat-w2,gptq-w8,gptq-w2,smoothquant-w4a8,gptq-w4",
                "--n-mmlu", "50", "--n-arc", "50", "--group-size", "64", "--calib-samples", "200",
                "--calib-study", "20,2000", "--qat-steps", "20", "--gen-tokens", "32", "--gen-batch", "8"]
 

@@ -16,11 +16,12 @@ TorchTrainer + DeepSpeed ZeRO) in a private local Ray instance, prints a JSON su
 - dpo-learn: DPO on AQuA-RAT-derived STEM pairs (`prepare_pairs(["aqua:..."])`, split 70/15/15): validation and
   test reward accuracy before (policy = reference: 0) and after.
 - sft-speed: the same samples, model and effective batch (8 sequences per optimizer step) through Ray Train +
-  DeepSpeed (2 workers x 1 thread, ZeRO-2; unpacked and packed) and through one TRL `SFTTrainer` process
-  (2 threads; unpacked and padding_free). Tokens = real (non-padding) tokens the forward sees.
-- dpo-speed: DPO tokens/s with precomputed reference log-probs (ours) vs TRL `DPOTrainer` (reference model
-  forward every step, its default, and with precompute_ref_log_probs=True), one worker / one process with 2
-  threads so that the data order and thus the per-step losses can be compared.
+  DeepSpeed (2 workers x 1 thread or 1 worker x 2 threads, ZeRO-2; unpacked and packed) and through one TRL
+  `SFTTrainer` process (2 threads; unpacked and padding_free). Tokens = real (non-padding) tokens the forward
+  sees. --sft-data arc (harness MCQs) or aqua (open-ended rationales, lengths spread widely).
+- dpo-speed: DPO tokens/s with precomputed reference log-probs (ours: 2 workers x 1 thread and 1 worker x 2
+  threads) vs TRL `DPOTrainer` (reference model forward every step, its default, and with
+  precompute_ref_log_probs=True) on the same 4 pairs per step, so the per-step losses can be compared.
 
 CPU is shared with other jobs: every figure comes with the 1-minute load average and with CPU seconds (process
 CPU time of the training steps, summed over workers), which other jobs distort less than wall time.
@@ -260,7 +261,7 @@ def _trl_common(out_dir: Path, steps: int, batch: int, accum: int, lr: float) ->
                 seed=0, disable_tqdm=True)
 
 
-def trl_sft(samples: list[dict], steps: int, padding_free: bool) -> dict:
+def trl_sft(samples: list[dict], steps: int, padding_free: bool, max_len: int) -> dict:
     """TRL SFTTrainer on our pre-tokenized samples (input_ids + completion_mask: the same tokens and loss)."""
     import torch
     from datasets import Dataset
@@ -274,8 +275,8 @@ def trl_sft(samples: list[dict], steps: int, padding_free: bool) -> dict:
                              "completion_mask": [0] * len(s["prompt"]) + [1] * len(s["completion"])} for s in samples])
     clock = _StepClock()
     with tempfile.TemporaryDirectory() as d:
-        # padding-free without packing does not truncate, so TRL wants max_length=None: encode_mcq already cut at 256
-        args = SFTConfig(**_trl_common(Path(d), steps, 4, 2, 2e-5), max_length=None if padding_free else 256,
+        # padding-free without packing does not truncate, so TRL wants max_length=None: our encoder already cut
+        args = SFTConfig(**_trl_common(Path(d), steps, 4, 2, 2e-5), max_length=None if padding_free else max_len,
                          completion_only_loss=True,
                          padding_free=padding_free, packing=False)
         trainer = SFTTrainer(model=load_causal_lm(path, dtype="float32").train(), args=args, train_dataset=ds,
@@ -288,15 +289,16 @@ def trl_sft(samples: list[dict], steps: int, padding_free: bool) -> dict:
             "tokens_per_cpu_s": tokens / clock.cpu, "losses": losses, "load": [load0, load1()]}
 
 
-def ours_sft(samples_path: Path, steps: int, packing: bool, work: Path, name: str, workers: int = 2) -> dict:
+def ours_sft(samples_path: Path, steps: int, packing: bool, work: Path, name: str, workers: int, data: str,
+             max_len: int) -> dict:
     """8 samples per optimizer step: 2 workers x 4 (1 thread each), or 1 worker x 4 x 2 accumulated (2 threads)."""
     from stemqa.config import load_config
     from stemqa.train.sft import run_sft
 
     cfg = load_config("demo", [f"model.name={MODEL}", f"sft.max_steps={steps}", "sft.batch_size=4",
                                f"sft.grad_accum={3 - workers}", "sft.lr=2e-5", "sft.eval_fraction=0.0",
-                               "sft.max_seq_len=256", f"sft.packing={str(packing).lower()}", "sft.checkpoint_every=1000",
-                               f"sft.resources.num_workers={workers}",
+                               f"sft.data={data}", f"sft.max_seq_len={max_len}", f"sft.packing={str(packing).lower()}",
+                               "sft.checkpoint_every=1000", f"sft.resources.num_workers={workers}",
                                f"sft.resources.cpus_per_worker={1.8 / workers:g}",
                                "sft.resources.zero_stage=2", "sft.resources.max_failures=0"])
     load0 = load1()
@@ -313,42 +315,57 @@ def _ours_summary(m: dict, load0: float) -> dict:
             "worker_after_steps_s": other, "fit_s": m["fit_s"], "steps": m["steps"], "load": [load0, load1()]}
 
 
-def sft_speed(args) -> dict:
+def _sft_data(name: str, n: int, work: Path):
+    """(samples file, its encoded samples, sft.data, max_seq_len, block title) for `--sft-data`."""
     from stemqa.data.mcq import load_file, write_records
+    from stemqa.data.qa import load_qa_file, write_qa
     from stemqa.models import load_tokenizer
-    from stemqa.train.sft import encode_mcq
+    from stemqa.train.sft import encode_mcq, encode_qa
 
-    steps = args.speed_steps
-    records, _ = load_file(DATA / "mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", source="arc", subject="science",
-                           limit=steps * 8)
-    work = Path(tempfile.mkdtemp(prefix="bench-sft-speed-"))
-    write_records(records, work / "train.jsonl")  # exactly steps x 8 questions: both sides see every one once
     tok = load_tokenizer(MODEL)
-    samples = [encode_mcq(tok, q, 256) for q in records]
+    if name == "arc":
+        records, _ = load_file(DATA / "mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", source="arc", subject="science",
+                               limit=n)
+        write_records(records, work / "train.jsonl")
+        return work / "train.jsonl", [encode_mcq(tok, q, 256) for q in records], "mcq", 256, \
+            "SFT", "ARC-Easy questions in the harness format (answer = ` <letter>`)"
+    records = load_qa_file(DATA / "mcq/aqua_rat/dev.json", "aqua_jsonl", limit=n)
+    write_qa(records, work / "train.jsonl")
+    return work / "train.jsonl", [encode_qa(tok, r, 512) for r in records], "qa", 512, \
+        "SFT, open-ended (AQuA-RAT rationales)", "AQuA-RAT dev questions, open-ended (answer = the worked rationale)"
+
+
+def sft_speed(args) -> dict:
+    steps = args.speed_steps
+    work = Path(tempfile.mkdtemp(prefix="bench-sft-speed-"))
+    # exactly steps x 8 samples: both sides see every one once
+    path, samples, data, max_len, title, what = _sft_data(args.sft_data, steps * 8, work)
     ray_s = ray_up()
     res = {"ray_init_s": ray_s, "samples": len(samples)}
-    for workers in (2, 1):
-        res[f"ours_{workers}w_unpacked"] = ours_sft(work / "train.jsonl", steps, False, work, f"unpacked{workers}", workers)
-        res[f"ours_{workers}w_packed"] = ours_sft(work / "train.jsonl", steps, True, work, f"packed{workers}", workers)
-    res["trl_unpacked"] = trl_sft(samples, steps, padding_free=False)
-    res["trl_padding_free"] = trl_sft(samples, steps, padding_free=True)
+    labels = {2: "Ray Train 2 workers x 1 thread x batch 4", 1: "Ray Train 1 worker x 2 threads x batch 4 x 2 accumulated"}
+    rows = []
+    for workers in args.sft_workers:
+        for packing in (False, True):
+            key = f"ours_{workers}w_{'packed' if packing else 'unpacked'}"
+            res[key] = ours_sft(path, steps, packing, work, key, workers, data, max_len)
+            rows.append((key, f"ours, {'packed (padding-free rows)' if packing else 'unpacked'}, {labels[workers]}, ZeRO-2"))
+    res["trl_unpacked"] = trl_sft(samples, steps, padding_free=False, max_len=max_len)
+    res["trl_padding_free"] = trl_sft(samples, steps, padding_free=True, max_len=max_len)
     # The packing ceiling on this data: the share of TRL's padded micro-batches (4 in its sequential order) that
     # is padding; removing all of it can speed a step up by at most 1 / (1 - share), attention aside.
     lens = [len(s["prompt"]) + len(s["completion"]) for s in samples]
     padded = sum(4 * max(lens[i:i + 4]) for i in range(0, len(lens), 4))
     res["padding_share"] = 1 - sum(lens) / padded
     if not args.no_write:
-        table = _speed_table(res, "trl_unpacked", steps, args, "--sft-speed", [
-            ("ours_2w_unpacked", "ours, unpacked, Ray Train 2 workers x 1 thread x batch 4, ZeRO-2"),
-            ("ours_2w_packed", "ours, packed (padding-free rows), 2 workers x 1 thread"),
-            ("ours_1w_unpacked", "ours, unpacked, Ray Train 1 worker x 2 threads x batch 4 x 2 accumulated, ZeRO-2"),
-            ("ours_1w_packed", "ours, packed, 1 worker x 2 threads"),
+        table = _speed_table(res, "trl_unpacked", steps, args, f"--sft-speed --sft-data {args.sft_data} --sft-workers "
+                             + ",".join(map(str, args.sft_workers)), rows + [
             ("trl_unpacked", "TRL SFTTrainer, 1 process x 2 threads x batch 4 x 2 accumulated, padded batches"),
             ("trl_padding_free", "TRL SFTTrainer, padding_free=True")])
-        table += (f"\n\nPadding is {res['padding_share']:.0%} of the tokens of TRL's padded micro-batches on these "
-                  f"{len(samples)} ARC-Easy questions ({min(lens)}-{max(lens)} tokens), so removing it (packing / "
-                  f"padding-free) can speed a step up by at most {1 / (1 - res['padding_share']):.2f}x here.")
-        write_block(SPEED_SECTION, SPEED_INTRO, "SFT", table)
+        table += (f"\n\nData: {len(samples)} {what}, {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f}, "
+                  f"cut at {max_len}). Padding is {res['padding_share']:.0%} of the tokens of TRL's padded micro-batches, "
+                  f"so removing it (packing / padding-free) can speed a step up by at most "
+                  f"{1 / (1 - res['padding_share']):.2f}x on this data.")
+        write_block(SPEED_SECTION, SPEED_INTRO, title, table)
     return res
 
 
@@ -386,8 +403,9 @@ def trl_dpo(pairs_dir: Path, order: list[str], steps: int, precompute: bool, max
 
 
 def dpo_speed(args) -> dict:
-    """Ours (2 workers x 1 thread, 2 pairs each) and TRL (1 process x 2 threads, 4 pairs) on the same 4 pairs per
-    step in the same order (our `Schedule`'s), same lr, schedule, clipping and AdamW: the losses must agree."""
+    """Ours (2 workers x 1 thread x 2 pairs, or 1 worker x 2 threads x 2 pairs x 2 accumulated) and TRL (1 process
+    x 2 threads, 2 pairs x 2 accumulated) on the same 4 pairs per step in the same order (our `Schedule`'s: both
+    layouts give each step the same 4 pairs), same lr, schedule, clipping and AdamW: the losses must agree."""
     from stemqa.config import load_config
     from stemqa.data.preference import prepare_pairs, read_pairs
     from stemqa.models.loader import load_tokenizer
@@ -396,32 +414,44 @@ def dpo_speed(args) -> dict:
 
     steps = args.speed_steps
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-speed-"))
-    cfg = load_config("demo", [f"model.name={MODEL}", f"dpo.max_steps={steps}", "dpo.batch_size=2", "dpo.grad_accum=1",
-                               "dpo.lr=1e-5", "dpo.beta=0.1", "dpo.max_len=512", f"dpo.split_sizes=[{steps * 4},8,0]",
-                               f"dpo.eval_every={steps}", "dpo.checkpoint_every=1000", "dpo.ref_cpus=1",
-                               "dpo.resources.num_workers=2", "dpo.resources.cpus_per_worker=0.9",
-                               "dpo.resources.zero_stage=2", "dpo.resources.max_failures=0"])
+
+    def config(workers: int):
+        return load_config("demo", [
+            f"model.name={MODEL}", f"dpo.max_steps={steps}", "dpo.batch_size=2", f"dpo.grad_accum={3 - workers}",
+            "dpo.lr=1e-5", "dpo.beta=0.1", "dpo.max_len=512", f"dpo.split_sizes=[{steps * 4},8,0]",
+            f"dpo.eval_every={steps}", "dpo.checkpoint_every=1000", "dpo.ref_cpus=1",
+            f"dpo.resources.num_workers={workers}", f"dpo.resources.cpus_per_worker={1.8 / workers:g}",
+            "dpo.resources.zero_stage=2", "dpo.resources.max_failures=0"])
+
+    cfg = config(2)
     prepare_pairs(["aqua:mcq/aqua_rat/dev.json"], DATA, load_tokenizer(MODEL), cfg.dpo, work / "pairs")
     res = {"ray_init_s": ray_up()}
-    load0 = load1()
-    m = run_dpo(cfg, work / "pairs", work / "out", MODEL, run_name="dpo-speed")["metrics"]
-    res["ours"] = {**_ours_summary(m, load0), "ref_logps_s": m["ref_logps_s"]}
+    for workers in (2, 1):  # the second run reuses the reference log-probs the first one stored beside the pairs
+        load0 = load1()
+        m = run_dpo(config(workers), work / "pairs", work / f"out{workers}", MODEL,
+                    run_name=f"dpo-speed-{workers}w")["metrics"]
+        res[f"ours_{workers}w"] = {**_ours_summary(m, load0), "ref_logps_s": m["ref_logps_s"]}
+    m = res["ours_2w"]
     train = read_pairs(work / "pairs/train.jsonl")
     sched = Schedule(len(train), 2, 2, 1, cfg.dpo.seed)
     order = [train[i].id for k in range(steps) for r in (0, 1) for i in sched.micro_batch(k, r)]
     res["trl_ref_model"] = trl_dpo(work / "pairs", order, steps, precompute=False, max_len=512)
     res["trl_precomputed"] = trl_dpo(work / "pairs", order, steps, precompute=True, max_len=512)
-    diffs = [abs(a - b) for a, b in zip(res["ours"]["losses"], res["trl_ref_model"]["losses"])]
-    res["max_loss_diff_vs_trl"] = max(diffs)
+    res["max_loss_diff_vs_trl"] = max(abs(a - b) for k in ("ours_2w", "ours_1w")
+                                      for a, b in zip(res[k]["losses"], res["trl_ref_model"]["losses"]))
     if not args.no_write:
         table = _speed_table(res, "trl_ref_model", steps, args, "--dpo-speed", [
-            ("ours", "ours, reference log-probs precomputed (Ray Data), Ray Train 2 workers x 1 thread, ZeRO-2"),
+            ("ours_2w", "ours, reference log-probs precomputed (Ray Data), Ray Train 2 workers x 1 thread, ZeRO-2"),
+            ("ours_1w", "ours, reference log-probs precomputed, Ray Train 1 worker x 2 threads x 2 pairs x 2 "
+                        "accumulated, ZeRO-2"),
             ("trl_ref_model", "TRL DPOTrainer, 1 process x 2 threads, reference model forward each step (default)"),
             ("trl_precomputed", "TRL DPOTrainer, precompute_ref_log_probs=True")])
         table += (f"\n\nSame 4 pairs per step in the same order: largest per-step loss difference ours vs TRL "
-                  f"{res['max_loss_diff_vs_trl']:.2e} (ours {', '.join(f'{x:.4f}' for x in res['ours']['losses'])}; "
+                  f"{res['max_loss_diff_vs_trl']:.2e} (ours 2 workers {', '.join(f'{x:.4f}' for x in m['losses'])}; "
+                  f"1 worker {', '.join(f'{x:.4f}' for x in res['ours_1w']['losses'])}; "
                   f"TRL {', '.join(f'{x:.4f}' for x in res['trl_ref_model']['losses'])}). Our reference log-prob job "
-                  f"(Ray Data, all splits, once per dataset) took {m['ref_logps_s']:.1f} s, outside the steps.")
+                  f"(Ray Data, all splits, once per dataset) took {m['ref_logps_s']:.1f} s, outside the steps; "
+                  f"the 1-worker run found them stored and took {res['ours_1w']['ref_logps_s']:.1f} s.")
         write_block(SPEED_SECTION, SPEED_INTRO, "DPO", table)
     return res
 
@@ -466,6 +496,10 @@ def main(argv=None) -> int:
     p.add_argument("--dpo-steps", type=int, default=40)
     p.add_argument("--dpo-lr", type=float, default=5e-6)
     p.add_argument("--speed-steps", type=int, default=8)
+    p.add_argument("--sft-data", choices=["arc", "aqua"], default="arc",
+                   help="sft-speed data: ARC-Easy MCQs (short, similar lengths) or AQuA-RAT rationales (open-ended)")
+    p.add_argument("--sft-workers", type=lambda v: [int(x) for x in v.split(",")], default=[2, 1],
+                   help="sft-speed: our runs with these worker counts (2 = 2 x 1 thread, 1 = 1 x 2 threads)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
     chosen = [(f, fn) for f, fn in (("sft_learn", sft_learn), ("dpo_learn", dpo_learn), ("sft_speed", sft_speed),

@@ -13,7 +13,7 @@ from jobs.common import config_from, connect, parser, print_json
 
 def main(argv=None) -> int:
     p = parser("stemqa sft", __doc__)
-    p.add_argument("--train", required=True, help="JSONL of MCQ records (stemqa data's output)")
+    p.add_argument("--train", required=True, help="JSONL of MCQ records (stemqa data's output), or of {question, answer} with sft.data=qa")
     p.add_argument("--out", required=True, help="output directory: model/ and ray/ (checkpoints)")
     p.add_argument("--model", default=None, help="model to fine-tune (default: model.name from the config)")
     p.add_argument("--name", default="sft", help="Ray Train run name; the same name resumes (default: sft)")

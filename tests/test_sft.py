@@ -12,7 +12,9 @@ from stemqa.data.mcq import MCQ, load_file, write_records
 from stemqa.models.loader import load_causal_lm, load_tokenizer
 from stemqa.runs import Run
 from stemqa.tracking import TrackingConfig, log_stage, open_stage
-from stemqa.train.sft import collate, completion_loss, encode_mcq, pack, packed_token_logps, run_sft
+from stemqa.data.qa import QA, QAFormatError, load_qa_file, write_qa
+from stemqa.train.sft import (collate, completion_loss, encode_mcq, encode_qa, pack, packed_token_logps,
+                              prepare_samples, run_sft)
 
 Q = MCQ("q1", "physics", "What is the unit of force?", ["joule", "newton", "watt", "pascal"], 1, "t")
 Q2 = MCQ("q2", "college_chemistry", "Which is a noble gas? " * 5, ["neon", "iron"], 0, "t")
@@ -27,6 +29,32 @@ def test_encode_masks_prompt_and_keeps_answer(tiny_model):
     assert len(short["prompt"]) + len(short["completion"]) == 12 and short["completion"] == s["completion"]
     batch = collate([s, encode_mcq(tok, Q2, 512)], tok.pad_token_id)
     assert batch["completion_mask"].sum().item() == 2 * len(s["completion"])
+
+
+def test_open_ended_qa_masks_the_question_and_trains_on_the_answer(tiny_model, tmp_path):
+    tok = load_tokenizer(tiny_model)
+    qa = QA("a1", "Why is the sky blue?", "Rayleigh scattering favours short wavelengths.", "t")
+    s = encode_qa(tok, qa, 512)
+    assert tok.decode(s["prompt"]).endswith("Question: Why is the sky blue?\nAnswer:")
+    assert tok.decode(s["completion"]) == " Rayleigh scattering favours short wavelengths." + tok.eos_token
+    cut = encode_qa(tok, qa, 10)  # too long: the answer keeps half, its tail cut; the prompt the rest
+    assert len(cut["prompt"]) == 5 and cut["completion"] == s["completion"][:5]
+    assert cut["prompt"] == s["prompt"][-5:]
+    write_qa([qa, QA("a2", "2+2?", "4", "t")], tmp_path / "qa.jsonl")
+    cfg = load_config("demo", ["model.name=tiny-qwen3", "sft.data=qa", "sft.eval_fraction=0.5"])
+    train, held = prepare_samples(cfg, tmp_path / "qa.jsonl", tok)
+    assert sorted(x["id"] for x in train + held) == ["a1", "a2"] and len(held) == 1
+    with pytest.raises(ValueError, match=r"qa.jsonl:1: missing field\(s\): subject, choices"):  # read as MCQs
+        prepare_samples(load_config("demo", ["model.name=tiny-qwen3"]), tmp_path / "qa.jsonl", tok)
+
+
+def test_qa_loader_reads_aqua_rationales_and_names_bad_rows(shared_data, tmp_path):
+    rows = load_qa_file(shared_data / "mcq/aqua_rat/dev.json", "aqua_jsonl", limit=3)
+    assert len(rows) == 3 and rows[0].id == "dev/1" and "\nThe answer is " in rows[0].answer
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q2"}\n')
+    with pytest.raises(QAFormatError, match=r"bad.jsonl:2: missing field 'answer'"):
+        load_qa_file(bad)
 
 
 def test_completion_loss_equals_hf_masked_labels_loss(tiny_model):

@@ -117,6 +117,10 @@ class SFTConfig(Section):
     batch_size: int = Field(4, ge=1, description="Sequences per worker per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_seq_len: int = Field(512, ge=16, description="Sequences are truncated to this many tokens.")
+    data: Literal["mcq", "qa"] = Field(
+        "mcq", description="What the training file holds: mcq = MCQ records (stemqa data's output), trained as the "
+        "harness prompt -> ' <letter>'; qa = open-ended `{question, answer}` JSONL (stemqa.data.qa), trained as "
+        "'Question: ..\\nAnswer:' -> ' <answer>'. Either way the loss is on the completion tokens only.")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Linear warm-up share of the steps.")
     lora: Optional[LoraConfig] = Field(None, description="LoRA adapters; null = full fine-tuning.")
     packing: bool = Field(

@@ -28,6 +28,7 @@ from stemqa.config.schema import QuantConfig
 SETTINGS = {
     "gptq-w4": dict(method="gptq", bits=4),
     "gptq-w8": dict(method="gptq", bits=8),
+    "gptq-w2": dict(method="gptq", bits=2),
     "smoothquant-w8a8": dict(method="smoothquant-gptq", bits=8, act_bits=8),
     "smoothquant-w4a8": dict(method="smoothquant-gptq", bits=4, act_bits=8),
     "int8-weight": dict(method="int8-weight"),
@@ -42,7 +43,7 @@ MMLU_STEM = ["college_physics", "high_school_physics", "college_chemistry", "hig
              "elementary_mathematics", "college_computer_science", "electrical_engineering", "astronomy"]
 COLUMNS = ["setting", "method", "bits", "act_bits", "group_size", "calib_samples", "mmlu_stem_acc", "arc_easy_acc",
            "size_mb", "peak_mem_mb", "mem_kind", "tok_s_b1", "tok_s_bN", "gen_batch", "quant_wall_s",
-           "quant_cpu_s", "eval_wall_s", "load_avg_1m", "note"]
+           "quant_cpu_s", "eval_wall_s", "rss_before_load_mb", "rss_loaded_mb", "load_avg_1m", "note"]
 
 
 PARTIAL = "quant_report.partial.jsonl"  # one line per finished row, written as the report goes
@@ -112,10 +113,17 @@ def _quantize_child(qcfg: QuantConfig, model: str, calib: list, out_dir: str, th
 
 
 def _measure_child(model_dir: str, sets: dict, threads: int, gen_tokens: int, gen_batch: int) -> dict:
-    """Accuracy on each set, generation tokens/s at batch 1 and gen_batch, then this process's peak memory."""
+    """Accuracy on each set, generation tokens/s at batch 1 and gen_batch, then this process's peak memory.
+
+    On CPU it also records the RSS with the libraries imported but no model (`rss_before_load_mb`) and right
+    after loading it (`rss_loaded_mb`): their difference is what the loaded model holds in memory, which is
+    not its size on disk when a format is decompressed on load, and peak minus loaded is the evaluation's
+    working memory (activations, KV cache, transient copies)."""
     import resource
 
+    import psutil
     import torch
+    import transformers  # noqa: F401  imported before the baseline RSS, as load_scorer would import it
 
     from stemqa.data.prompt import harness_prompt
     from stemqa.eval.run import load_scorer, score_records
@@ -123,7 +131,10 @@ def _measure_child(model_dir: str, sets: dict, threads: int, gen_tokens: int, ge
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    rss = lambda: round(psutil.Process().memory_info().rss / 2**20, 1)  # noqa: E731
+    before = rss()
     scorer = load_scorer(model_dir)
+    loaded = rss()
     row = {f"{name}_acc": round(accuracy(score_records(scorer, records, progress=False))["accuracy"], 4)
            for name, records in sets.items()}
     model, tok = scorer.model, scorer.tok
@@ -138,6 +149,7 @@ def _measure_child(model_dir: str, sets: dict, threads: int, gen_tokens: int, ge
             model.generate(**enc, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, **kw)
         row[key] = round(batch * gen_tokens / (time.perf_counter() - t), 1)
     row["eval_wall_s"] = round(time.perf_counter() - t0, 1)
+    row["rss_before_load_mb"], row["rss_loaded_mb"] = before, loaded
     if torch.cuda.is_available():
         row["peak_mem_mb"], row["mem_kind"] = round(torch.cuda.max_memory_allocated() / 2**20, 1), "VRAM"
     else:  # ru_maxrss is KiB on Linux; this spawned process did nothing but this row

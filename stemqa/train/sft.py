@@ -1,6 +1,7 @@
-"""Supervised fine-tuning on harness-format MCQs: Ray Train `TorchTrainer` + DeepSpeed ZeRO, full or LoRA.
+"""Supervised fine-tuning on harness-format MCQs or open-ended Q/A: Ray Train `TorchTrainer` + DeepSpeed ZeRO.
 
-Each MCQ becomes `harness_prompt(q)` + ` <letter>` + eos; the loss is on the completion tokens only (only
+Each MCQ becomes `harness_prompt(q)` + ` <letter>` + eos, each open-ended record (`sft.data: qa`)
+`Question: ..\nAnswer:` + ` <answer>` + eos; the loss is on the completion tokens only (only
 their logits are computed, see `common.completion_batch`). The driver tokenizes once and puts the samples in
 the object store; every worker takes its micro-batches from `common.Schedule`, so the order survives a
 resume. The result is a plain HF directory at `out_dir/model` that `stemqa.models.load_causal_lm` loads.
@@ -22,6 +23,7 @@ from typing import Optional
 from stemqa.config.schema import SFTConfig, StemqaConfig
 from stemqa.data.mcq import MCQ, read_records
 from stemqa.data.prompt import harness_prompt, target
+from stemqa.data.qa import QA, load_qa_file, qa_prompt, qa_target
 from stemqa.tracking import LiveTarget, StepLogger
 from stemqa.train import common
 
@@ -34,6 +36,22 @@ def encode_mcq(tok, q: MCQ, max_seq_len: int) -> dict:
     if keep < 1:
         raise ValueError(f"sft.max_seq_len {max_seq_len} leaves no room for the prompt of {q.id}")
     return {"id": q.id, "prompt": prompt[-keep:], "completion": completion}
+
+
+def encode_qa(tok, qa: QA, max_seq_len: int) -> dict:
+    """Open-ended: `Question: ..\nAnswer:` -> ` <answer>` + eos. When too long, the answer keeps at least half
+    of max_seq_len (its tail, eos included, is cut past that) and the prompt the rest, cut from the left (the
+    end of the question, next to the answer, is kept)."""
+    prompt = tok(qa_prompt(qa), add_special_tokens=True)["input_ids"]
+    completion = tok(qa_target(qa), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    if len(prompt) + len(completion) > max_seq_len:
+        completion = completion[:max(max_seq_len - len(prompt), max_seq_len // 2)]
+        prompt = prompt[len(prompt) + len(completion) - max_seq_len:]
+    return {"id": qa.id, "prompt": prompt, "completion": completion}
+
+
+# sft.data -> (reader of the training file, encoder of one record)
+ENCODERS = {"mcq": (read_records, encode_mcq), "qa": (load_qa_file, encode_qa)}
 
 
 def collate(samples: list[dict], pad_id: int, packing: bool = False) -> dict:
@@ -214,10 +232,11 @@ def train_loop(config: dict) -> None:
 
 
 def prepare_samples(cfg: StemqaConfig, train_path: Path, tok) -> tuple[list[dict], list[dict]]:
-    records = read_records(train_path)
+    read, encode = ENCODERS[cfg.sft.data]
+    records = read(train_path)
     if not records:
-        raise ValueError(f"{train_path}: no MCQ records to train on")
-    samples = [encode_mcq(tok, q, cfg.sft.max_seq_len) for q in records]
+        raise ValueError(f"{train_path}: no {cfg.sft.data} records to train on (sft.data={cfg.sft.data})")
+    samples = [encode(tok, r, cfg.sft.max_seq_len) for r in records]
     return split_eval(samples, cfg.sft.eval_fraction, cfg.sft.seed)
 
 
