@@ -18,7 +18,9 @@ TorchTrainer + DeepSpeed ZeRO) in a private local Ray instance, prints a JSON su
 - sft-speed: the same samples, model and effective batch (8 sequences per optimizer step) through Ray Train +
   DeepSpeed (2 workers x 1 thread or 1 worker x 2 threads, ZeRO-2; unpacked and packed) and through one TRL
   `SFTTrainer` process (2 threads; unpacked and padding_free). Tokens = real (non-padding) tokens the forward
-  sees. --sft-data arc (harness MCQs) or aqua (open-ended rationales, lengths spread widely).
+  sees. --sft-data arc (ARC-Easy harness MCQs), aqua (open-ended rationales) or mixed (the MCQ sets pooled:
+  ARC, AI2, QASC, AQuA-RAT, MMLU; lengths spread widely). TRL reads the samples in our schedule's order, so every
+  step trains on the same samples and the per-step losses can be compared.
 - dpo-speed: DPO tokens/s with precomputed reference log-probs (ours: 2 workers x 1 thread and 1 worker x 2
   threads) vs TRL `DPOTrainer` (reference model forward every step, its default, and with
   precompute_ref_log_probs=True) on the same 4 pairs per step, so the per-step losses can be compared.
@@ -315,6 +317,14 @@ def _ours_summary(m: dict, load0: float) -> dict:
             "worker_after_steps_s": other, "fit_s": m["fit_s"], "steps": m["steps"], "load": [load0, load1()]}
 
 
+MIXED_SOURCES = [("mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", "arc_easy"),
+                 ("mcq/arc/ARC-Challenge-train.jsonl", "arc_jsonl", "arc_challenge"),
+                 ("mcq/ai2_science/AI2-8thGr-NDMC-Feb2016-Train.jsonl", "arc_jsonl", "ai2_8th"),
+                 ("mcq/qasc/dev.jsonl", "arc_jsonl", "qasc"),
+                 ("mcq/aqua_rat/dev.json", "aqua_jsonl", "aqua_rat"),
+                 ("mcq/mmlu/test/college_physics_test.csv", "mmlu_csv", "mmlu_college_physics")]  # speed only
+
+
 def _sft_data(name: str, n: int, work: Path):
     """(samples file, its encoded samples, sft.data, max_seq_len, block title) for `--sft-data`."""
     from stemqa.data.mcq import load_file, write_records
@@ -323,6 +333,15 @@ def _sft_data(name: str, n: int, work: Path):
     from stemqa.train.sft import encode_mcq, encode_qa
 
     tok = load_tokenizer(MODEL)
+    if name == "mixed":  # the MCQ sets pooled, as the filter stage sees them: equal parts, file order
+        per = -(-n // len(MIXED_SOURCES))
+        records = [q for path, fmt, src in MIXED_SOURCES
+                   for q in load_file(DATA / path, fmt, source=src, subject="stem", limit=per)[0]][:n]
+        assert len(records) == n, f"pooled MCQ sets gave {len(records)} of {n} questions"
+        write_records(records, work / "train.jsonl")
+        return work / "train.jsonl", [encode_mcq(tok, q, 1024) for q in records], "mcq", 1024, \
+            "SFT, pooled MCQ sets", ("MCQs in the harness format, equal parts of " +
+                                     ", ".join(src for _, _, src in MIXED_SOURCES))
     if name == "arc":
         records, _ = load_file(DATA / "mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", source="arc", subject="science",
                                limit=n)
@@ -336,6 +355,9 @@ def _sft_data(name: str, n: int, work: Path):
 
 
 def sft_speed(args) -> dict:
+    from stemqa.config import load_config
+    from stemqa.train.common import Schedule
+
     steps = args.speed_steps
     work = Path(tempfile.mkdtemp(prefix="bench-sft-speed-"))
     # exactly steps x 8 samples: both sides see every one once
@@ -349,9 +371,16 @@ def sft_speed(args) -> dict:
             key = f"ours_{workers}w_{'packed' if packing else 'unpacked'}"
             res[key] = ours_sft(path, steps, packing, work, key, workers, data, max_len)
             rows.append((key, f"ours, {'packed (padding-free rows)' if packing else 'unpacked'}, {labels[workers]}, ZeRO-2"))
+    # TRL reads its data sequentially: give it the samples in our Schedule's order (both our layouts give each
+    # step the same 8, and 1 worker x 2 accumulated the same micro-batches of 4), so every step sees the same data
+    seed = load_config("demo").sft.seed
+    samples = [samples[i] for k in range(steps) for i in Schedule(len(samples), 4, 1, 2, seed).step_samples(k)]
     res["trl_unpacked"] = trl_sft(samples, steps, padding_free=False, max_len=max_len)
     res["trl_padding_free"] = trl_sft(samples, steps, padding_free=True, max_len=max_len)
-    # The packing ceiling on this data: the share of TRL's padded micro-batches (4 in its sequential order) that
+    ours = [k for k, _ in rows]
+    res["max_loss_diff_vs_trl"] = max(abs(a - b) for k in ours
+                                      for a, b in zip(res[k]["losses"], res["trl_unpacked"]["losses"]))
+    # The packing ceiling on this data: the share of TRL's padded micro-batches (4 in step order) that
     # is padding; removing all of it can speed a step up by at most 1 / (1 - share), attention aside.
     lens = [len(s["prompt"]) + len(s["completion"]) for s in samples]
     padded = sum(4 * max(lens[i:i + 4]) for i in range(0, len(lens), 4))
@@ -364,7 +393,10 @@ def sft_speed(args) -> dict:
         table += (f"\n\nData: {len(samples)} {what}, {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f}, "
                   f"cut at {max_len}). Padding is {res['padding_share']:.0%} of the tokens of TRL's padded micro-batches, "
                   f"so removing it (packing / padding-free) can speed a step up by at most "
-                  f"{1 / (1 - res['padding_share']):.2f}x on this data.")
+                  f"{1 / (1 - res['padding_share']):.2f}x on this data. Same 8 samples per step in the same "
+                  f"order: largest per-step loss difference ours vs TRL {res['max_loss_diff_vs_trl']:.2e} (ours "
+                  f"{ours[0]} {', '.join(f'{x:.4f}' for x in res[ours[0]]['losses'])}; TRL "
+                  f"{', '.join(f'{x:.4f}' for x in res['trl_unpacked']['losses'])}).")
         write_block(SPEED_SECTION, SPEED_INTRO, title, table)
     return res
 
@@ -496,8 +528,9 @@ def main(argv=None) -> int:
     p.add_argument("--dpo-steps", type=int, default=40)
     p.add_argument("--dpo-lr", type=float, default=5e-6)
     p.add_argument("--speed-steps", type=int, default=8)
-    p.add_argument("--sft-data", choices=["arc", "aqua"], default="arc",
-                   help="sft-speed data: ARC-Easy MCQs (short, similar lengths) or AQuA-RAT rationales (open-ended)")
+    p.add_argument("--sft-data", choices=["arc", "aqua", "mixed"], default="arc",
+                   help="sft-speed data: ARC-Easy MCQs (short, similar lengths), AQuA-RAT rationales (open-ended) or "
+                        "the MCQ sets pooled (ARC, AI2, QASC, AQuA-RAT, MMLU: lengths spread widely)")
     p.add_argument("--sft-workers", type=lambda v: [int(x) for x in v.split(",")], default=[2, 1],
                    help="sft-speed: our runs with these worker counts (2 = 2 x 1 thread, 1 = 1 x 2 threads)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")

@@ -178,6 +178,11 @@ class Schedule:
         start = j * self.global_batch + rank * self.batch_size
         return _permutation(self.n, self.seed, epoch)[start:start + self.batch_size].tolist()
 
+    def step_samples(self, step: int) -> list[int]:
+        """Every sample of one optimizer step, all ranks and micro-batches (each rank can list them all)."""
+        return [i for micro in range(self.grad_accum) for r in range(self.world)
+                for i in self.micro_batch(step * self.grad_accum + micro, r)]
+
 
 @lru_cache(maxsize=4)
 def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:

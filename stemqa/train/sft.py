@@ -101,6 +101,15 @@ def completion_loss(model, batch: dict):
     return -logp.sum() / n.clamp(min=1), int(n)
 
 
+def step_weight(n_micro: int, n_step: int, grad_accum: int, world: int) -> float:
+    """Factor on a micro-batch's mean loss so that the optimizer step's gradient is the mean over all the step's
+    completion tokens, however they are split into micro-batches and ranks (as HF Trainer's
+    `num_items_in_batch`, so TRL and we take the same step). DeepSpeed divides each backward by `grad_accum` and
+    averages gradients over the `world` ranks; a plain mean per micro-batch would weigh a token of a short
+    micro-batch more than one of a long."""
+    return n_micro * grad_accum * world / max(n_step, 1)
+
+
 def batch_tokens(batch: dict) -> int:
     """Real (non-padding) tokens the forward sees."""
     return int(batch["input_ids"].numel()) if "targets" in batch else int(batch["attention_mask"].sum())
@@ -174,12 +183,13 @@ def train_loop(config: dict) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         loss_sum = n_tok = tokens = 0.0
         step_ids = []
+        n_step = sum(len(train[i]["completion"]) for i in schedule.step_samples(state["step"]))
         for micro in range(sft.grad_accum):
             idx = schedule.micro_batch(state["step"] * sft.grad_accum + micro, r)
             step_ids += [train[i]["id"] for i in idx]
             batch = collate([train[i] for i in idx], pad_id, sft.packing)
             loss, n = completion_loss(engine, batch)
-            engine.backward(loss)
+            engine.backward(loss * step_weight(n, n_step, sft.grad_accum, world))
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             loss_sum += float(loss.detach()) * n
             n_tok += n
