@@ -45,7 +45,9 @@ SECTION = "## Serve: batching, RAG, quantized model"
 COLUMNS = ("One scorer replica (1 CPU, 1 torch thread) per row; q/batch call = questions per @serve.batch call, "
            "q/forward = per scoring forward pass; CPU ms/req = CPU seconds of the scorer replica (and of all Serve "
            "processes: proxy, ingress, retriever, scorer) over the measured phase, per request (psutil); load avg = "
-           "1-min load average before/after the row. gen tok/s: 3 sequential greedy /v1/completions of 64 tokens.")
+           "1-min load average before/after the row. Generation (second table, RAG-off rows): --gen-requests greedy "
+           "/v1/completions of up to --gen-tokens tokens (prompt: a question and `Answer:`), min(--concurrency, "
+           "--batch-size) in flight; requests/generate call from the scorer's counters.")
 FINDINGS = """Why batching does not reach 3x here (measured; see serve/deployments.py `MAX_PAD_WASTE`):
 - Scoring a question is one prefill forward pass, no decoding. On a CPU a ~75-token prompt already makes each
   linear layer a 75-row matrix product that runs near the core's peak: in-process (SmolLM2-135M, 1 thread,
@@ -171,20 +173,41 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> dict:
             "p99_ms": round(percentile(latencies, 0.99))}
 
 
-def generation(url: str, max_tokens: int = 64, n: int = 3) -> dict:
-    """Sequential greedy /v1/completions calls: generated tokens per wall second and per scorer CPU second."""
+def generation(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    """Concurrent greedy /v1/completions (closed loop, like `load`): generated tokens per wall second and per
+    scorer CPU second, p50/p99 latency, and how many requests shared each generate call."""
     pids = serve_processes()
-    before, tokens, wall = cpu_seconds(pids), 0, 0.0
-    for _ in range(n):
-        t0 = time.perf_counter()
-        r = httpx.post(f"{url}/v1/completions", timeout=600, json={
-            "prompt": "Newton's second law states that", "max_tokens": max_tokens, "temperature": 0})
-        r.raise_for_status()
-        wall += time.perf_counter() - t0
-        tokens += r.json()["usage"]["completion_tokens"] or 0
+    before, stats0 = cpu_seconds(pids), deployment_stats("Scorer")
+    bodies = [{"prompt": p, "max_tokens": max_tokens, "temperature": 0} for p in prompts]
+    latencies, tokens, errors = [], 0, 0
+    queue: asyncio.Queue = asyncio.Queue()
+    for b in bodies:
+        queue.put_nowait(b)
+
+    async def worker(client):
+        nonlocal tokens, errors
+        while not queue.empty():
+            body = queue.get_nowait()
+            t0 = time.perf_counter()
+            r = await client.post(f"{url}/v1/completions", json=body)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            errors += r.status_code != 200
+            tokens += r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
+
+    async def run():
+        async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=concurrency)) as client:
+            await asyncio.gather(*[worker(client) for _ in range(concurrency)])
+
+    t0 = time.perf_counter()
+    asyncio.run(run())
+    wall = time.perf_counter() - t0
     cpu = cpu_seconds(pids)["scorer"] - before["scorer"]
-    return {"gen_tokens": tokens, "gen_tok_per_s": round(tokens / wall, 1),
-            "gen_tok_per_cpu_s": round(tokens / cpu, 1) if cpu > 0 else None}
+    stats1 = deployment_stats("Scorer")
+    calls = stats1["generate_calls"] - stats0["generate_calls"]
+    return {"gen_requests": len(bodies), "gen_errors": errors, "gen_tokens": tokens,
+            "gen_tok_per_s": round(tokens / wall, 1), "gen_tok_per_cpu_s": round(tokens / cpu, 1) if cpu > 0 else None,
+            "gen_p50_ms": round(statistics.median(latencies)), "gen_p99_ms": round(percentile(latencies, 0.99)),
+            "gen_per_call": round((stats1["gen_items"] - stats0["gen_items"]) / calls, 1) if calls else None}
 
 
 def run_row(label: str, model: str, index: str | None, rag: bool, batch: int, args, bodies) -> dict:
@@ -219,22 +242,28 @@ def run_row(label: str, model: str, index: str | None, rag: bool, batch: int, ar
            "scorer_cpu_ms_per_req": round(1000 * cpu["scorer"] / res["requests"]),
            "serve_cpu_ms_per_req": round(1000 * sum(v for k, v in cpu.items() if k != "client") / res["requests"]),
            "load_avg": [round(load0, 1), round(load1, 1)]}
-    if not rag and batch > 1 and not args.no_generation:
-        row.update(generation(url))
+    if not rag and not args.no_generation:
+        prompts = [f"Question: {b['question']}\nAnswer:" for b in bodies][:args.gen_requests]
+        row.update(generation(url, prompts, min(args.concurrency, args.batch_size), args.gen_tokens))
     return row
 
 
 # --- report -----------------------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
     lines = ["| model | RAG | max batch | q/batch call | q/forward | req/s | p50 ms | p99 ms | scorer CPU ms/req "
-             "| Serve CPU ms/req | errors | gen tok/s (tok/CPU s) | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Serve CPU ms/req | errors | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        gen = f"{r['gen_tok_per_s']} ({r['gen_tok_per_cpu_s']})" if "gen_tok_per_s" in r else ""
         lines.append(f"| {r['model']} | {'on' if r['rag'] else 'off'} | {r['max_batch_size']} | {r['q_per_batch']} "
                      f"| {r['q_per_forward']} | {r['req_per_s']} | {r['p50_ms']} | {r['p99_ms']} "
-                     f"| {r['scorer_cpu_ms_per_req']} | {r['serve_cpu_ms_per_req']} | {r['errors']} | {gen} "
+                     f"| {r['scorer_cpu_ms_per_req']} | {r['serve_cpu_ms_per_req']} | {r['errors']} "
                      f"| {r['load_avg'][0]}/{r['load_avg'][1]} |")
+    gen = [r for r in rows if "gen_tok_per_s" in r]
+    if gen:
+        lines += ["", "| model | max batch | requests/generate call | gen tok/s | tok/CPU s | p50 ms | p99 ms | errors |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['max_batch_size']} | {r['gen_per_call']} | {r['gen_tok_per_s']} "
+                  f"| {r['gen_tok_per_cpu_s']} | {r['gen_p50_ms']} | {r['gen_p99_ms']} | {r['gen_errors']} |" for r in gen]
     return "\n".join(lines)
 
 
@@ -250,6 +279,11 @@ def ratios(rows: list[dict]) -> list[str]:
                            f"{on['req_per_s'] / off['req_per_s']:.2f}x req/s (wall), "
                            f"{off['scorer_cpu_ms_per_req'] / on['scorer_cpu_ms_per_req']:.2f}x fewer scorer CPU "
                            f"seconds per request, p99 {on['p99_ms']} vs {off['p99_ms']} ms")
+                if "gen_tok_per_s" in on and "gen_tok_per_s" in off:
+                    out.append(f"{label}, /v1/completions generation: batching gives "
+                               f"{on['gen_tok_per_s'] / off['gen_tok_per_s']:.2f}x tokens/s (wall), "
+                               f"{on['gen_tok_per_cpu_s'] / off['gen_tok_per_cpu_s']:.2f}x tokens per scorer CPU "
+                               f"second, p99 {on['gen_p99_ms']} vs {off['gen_p99_ms']} ms")
     return out
 
 
@@ -281,7 +315,10 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--concurrency", type=int, default=32, help="in-flight requests (>= 2x batch size fills batches)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--no-generation", action="store_true", help="skip the /v1/completions tokens/s figure")
+    p.add_argument("--no-generation", action="store_true", help="skip the /v1/completions generation rows")
+    p.add_argument("--gen-requests", type=int, default=32, help="greedy /v1/completions per generation row, sent "
+                   "min(--concurrency, --batch-size) at a time")
+    p.add_argument("--gen-tokens", type=int, default=32, help="max_tokens of each generation request")
     p.add_argument("--port", type=int, default=8127)
     p.add_argument("--no-write", action="store_true", help="leave benchmarks/BENCHMARKS.md as it is")
     args = p.parse_args(argv)

@@ -1,7 +1,8 @@
 """The two model-holding Serve deployments: the scorer/generator (the LM) and the retriever (embedder + FAISS).
 
 Both batch concurrent calls with `@serve.batch`: the scorer takes up to `serve.max_batch_size` questions at
-once and scores them in as few forward passes as keeps left-padding under 10% (`length_groups`), the
+once and scores them in as few forward passes as keeps left-padding under 10% (`length_groups`), and as many
+unseeded generation requests (/v1/completions without echo, non-streamed chat) into one `generate`; the
 retriever embeds up to as many queries at once. The batch sizes are set from the config when a replica
 starts. `stats()` tells a benchmark or test the replica's pid, torch threads and batch sizes seen.
 """
@@ -70,16 +71,23 @@ class Scorer:
         self.header, self.passage_token_budget = header, passage_token_budget
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._generate_batch.set_max_batch_size(max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         # for stats() (benchmarks, tests): requests per @serve.batch call, and scoring forward passes
         self.batch_sizes: Counter = Counter()
         self.forward_passes = 0
+        self.gen_batch_sizes: Counter = Counter()  # generation requests per @serve.batch call
+        self.generate_calls = 0  # model.generate calls they took
 
     def info(self) -> dict:
         return {"max_length": self.scorer.max_length, "vocab_size": len(self.tok)}
 
     async def stats(self) -> dict:
         """This replica's process id, torch threads (as the scoring thread sees them), batch sizes so far."""
-        return dict(await _replica_stats(self.batch_sizes), forward_passes=self.forward_passes)
+        gen = self.gen_batch_sizes
+        return dict(await _replica_stats(self.batch_sizes), forward_passes=self.forward_passes,
+                    gen_batch_sizes=dict(sorted(gen.items())), gen_items=sum(k * v for k, v in gen.items()),
+                    generate_calls=self.generate_calls)
 
     def check_health(self) -> None:
         # Serve calls this every health_check_period_s; a replica whose model is gone is replaced.
@@ -125,8 +133,17 @@ class Scorer:
         encoded = [self.generator.encode(p) for p in prompts]
         caps = [self._check_prompt("prompt" if len(prompts) == 1 else f"prompt[{i}]", ids, max_tokens)
                 for i, ids in enumerate(encoded)]
-        choices = await asyncio.to_thread(self.generator.complete, encoded, min(caps), temperature, top_p, stop,
-                                          logprobs, echo, seed)
+        cap = min(caps)
+        if echo or seed is not None:
+            # echo (lm-eval's scoring requests: one forward over the prompt) and seeded sampling (its own RNG
+            # stream) run one prompt at a time
+            choices = await asyncio.to_thread(self.generator.complete, encoded, cap, temperature, top_p, stop,
+                                              logprobs, echo, seed)
+        else:
+            outs = await asyncio.gather(*[self._generate_batch((ids, cap, temperature, top_p, logprobs is not None))
+                                          for ids in encoded])
+            choices = [self.generator.choice(i, ids, new, rows, None, cap, stop, logprobs, False)
+                       for i, (ids, (new, rows)) in enumerate(zip(encoded, outs))]
         completion = sum(len(self.tok(c["text"])["input_ids"]) for c in choices) if not echo else None
         return {"choices": choices, "usage": {"prompt_tokens": sum(map(len, encoded)),
                                               "completion_tokens": completion}}
@@ -143,8 +160,12 @@ class Scorer:
         return ids, self._check_prompt("messages", ids, max_tokens)
 
     async def chat(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, stop, seed) -> dict:
-        choice = (await asyncio.to_thread(self.generator.complete, [ids], max_tokens, temperature, top_p, stop,
-                                          None, False, seed))[0]
+        if seed is not None:
+            choice = (await asyncio.to_thread(self.generator.complete, [ids], max_tokens, temperature, top_p, stop,
+                                              None, False, seed))[0]
+        else:
+            new, _ = await self._generate_batch((ids, max_tokens, temperature, top_p, False))
+            choice = self.generator.choice(0, ids, new, None, None, max_tokens, stop, None, False)
         return {"text": choice["text"], "finish_reason": choice["finish_reason"],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": len(self.tok(choice["text"])["input_ids"])}}
 
@@ -156,6 +177,27 @@ class Scorer:
         self.batch_sizes[len(items)] += 1
         # In a thread, so requests keep arriving (and queue for the next batch) while this one computes.
         return await asyncio.to_thread(self._score_grouped, items)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, items: list[tuple]) -> list:
+        """(ids, max_tokens, temperature, top_p, with_logprobs) -> (new ids, log-prob rows or None)."""
+        self.gen_batch_sizes[len(items)] += 1
+        return await asyncio.to_thread(self._generate_grouped, items)
+
+    def _generate_grouped(self, items: list[tuple]) -> list:
+        """One `generate` per (max_tokens, temperature, top_p): a batch of static shape, so no request waits on
+        more tokens than it asked for (rows that reach eos early still wait for their group)."""
+        out: list = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, cap, temperature, top_p, _) in enumerate(items):
+            groups.setdefault((cap, temperature, top_p), []).append(i)
+        for (cap, temperature, top_p), members in groups.items():
+            self.generate_calls += 1
+            res = self.generator.generate_many([items[i][0] for i in members], cap, temperature, top_p,
+                                               any(items[i][4] for i in members))
+            for i, r in zip(members, res):
+                out[i] = r
+        return out
 
     def _score_grouped(self, items: list[tuple]) -> list:
         """Score (record, passages, n_tokens) items: one forward pass per group of similar prompt lengths."""

@@ -56,6 +56,11 @@ class Generator:
 
     def __init__(self, model, tokenizer, scorer):
         self.model, self.tok, self.scorer = model, tokenizer, scorer
+        # what `generate` stops at: the generation config's eos ids (SmolLM2-Instruct: <|im_end|>, not the
+        # tokenizer's eos token), else the tokenizer's
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        self.stop_ids = set(gen_eos) or {tokenizer.eos_token_id}
 
     def encode(self, prompt) -> list[int]:
         return list(prompt) if isinstance(prompt, list) else self.tok(prompt)["input_ids"]
@@ -87,11 +92,58 @@ class Generator:
         logits = torch.stack([step[0] for step in out.logits]).float() if out.logits else torch.empty(0)
         return new, torch.log_softmax(logits, dim=-1).cpu()
 
+    @torch.inference_mode()
+    def generate_many(self, prompts: list[list[int]], max_tokens: int, temperature: float, top_p: float,
+                      with_logprobs: bool) -> list[tuple[list[int], Optional[torch.Tensor]]]:
+        """`generate` for several prompts in one left-padded `model.generate` (greedy, or sampling from the
+        global RNG: no per-request seed). Each row's new tokens end at its eos. Decoding reads every weight once
+        per step whatever the batch, so on this CPU 16 prompts decode at 6x the tokens/s of one at a time
+        (SmolLM2-135M, 1 thread, same greedy tokens); log-probs only when asked: they cost [rows, steps, vocab]."""
+        if max_tokens == 0:
+            return [([], torch.empty(0)) for _ in prompts]
+        width, pad = max(map(len, prompts)), self.scorer.pad_id
+        dev = self.scorer.device
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
+        sample = temperature > 0
+        out = self.model.generate(
+            ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=sample,
+            temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
+            output_logits=with_logprobs, return_dict_in_generate=True, pad_token_id=pad)
+        results = []
+        for r in range(len(prompts)):
+            new = out.sequences[r, width:].tolist()
+            end = next((j for j, t in enumerate(new) if t in self.stop_ids), None)
+            if end is not None:  # finished rows are filled with padding after their eos
+                new = new[:end + 1]
+            rows = None
+            if with_logprobs:
+                rows = torch.log_softmax(torch.stack([step[r] for step in out.logits[:len(new)]]).float(), -1).cpu()
+            results.append((new, rows))
+        return results
+
+    def choice(self, i: int, ids: list[int], new: list[int], new_rows, prompt_rows, max_tokens: int, stop,
+               logprobs: Optional[int], echo: bool) -> dict:
+        """One OpenAI completion choice from the prompt, its new tokens and their log-prob rows."""
+        text, stopped = cut_at_stop(self.tok.decode(new, skip_special_tokens=True), _stop_list(stop))
+        eos = bool(new) and new[-1] in self.stop_ids
+        choice = {"index": i, "text": (self.tok.decode(ids) if echo else "") + text,
+                  "finish_reason": "stop" if stopped or eos or max_tokens == 0 else "length", "logprobs": None}
+        if logprobs is not None:
+            rows = prompt_rows
+            all_ids = (ids if echo else []) + new
+            all_rows = torch.cat([rows, new_rows]) if echo and len(new_rows) else (rows if echo else new_rows)
+            # rows line up with "log p(token i | before)": for echo, prompt token 0 has none
+            entries = _logprob_entries(self.tok, ([ids[-1]] if not echo else []) + all_ids, all_rows, logprobs)
+            if not echo:
+                entries = {k: v[1:] for k, v in entries.items()}
+            choice["logprobs"] = entries
+        return choice
+
     def complete(self, prompts: list, max_tokens: int, temperature: float, top_p: float, stop, logprobs: Optional[int],
                  echo: bool, seed: Optional[int]) -> list[dict]:
-        """OpenAI completion `choices` for each prompt (token ids or text)."""
+        """OpenAI completion `choices` for each prompt (token ids or text), one prompt at a time."""
         encoded = [self.encode(p) for p in prompts]
-        stops = _stop_list(stop)
         full = self.prompt_logprobs(encoded) if echo and logprobs is not None else [None] * len(encoded)
         choices = []
         for i, (ids, rows) in enumerate(zip(encoded, full)):
@@ -101,20 +153,8 @@ class Generator:
                 new, new_rows = [int(rows[-1].argmax())], rows[-1:]
             else:
                 new, new_rows = self.generate(ids, max_tokens, temperature, top_p, seed)
-            rows = rows[:-1] if rows is not None else None
-            text, stopped = cut_at_stop(self.tok.decode(new, skip_special_tokens=True), stops)
-            eos = bool(new) and new[-1] == self.tok.eos_token_id
-            choice = {"index": i, "text": (self.tok.decode(ids) if echo else "") + text,
-                      "finish_reason": "stop" if stopped or eos or max_tokens == 0 else "length", "logprobs": None}
-            if logprobs is not None:
-                all_ids = (ids if echo else []) + new
-                all_rows = torch.cat([rows, new_rows]) if echo and len(new_rows) else (rows if echo else new_rows)
-                # rows line up with "log p(token i | before)": for echo, prompt token 0 has none
-                entries = _logprob_entries(self.tok, ([ids[-1]] if not echo else []) + all_ids, all_rows, logprobs)
-                if not echo:
-                    entries = {k: v[1:] for k, v in entries.items()}
-                choice["logprobs"] = entries
-            choices.append(choice)
+            choices.append(self.choice(i, ids, new, new_rows, rows[:-1] if rows is not None else None, max_tokens,
+                                       stop, logprobs, echo))
         return choices
 
     def stream(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, stop,

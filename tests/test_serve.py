@@ -209,6 +209,38 @@ def test_completions_generate_and_stop(app_url):
     assert stop not in cut["choices"][0]["text"] and cut["choices"][0]["finish_reason"] == "stop"
 
 
+def test_concurrent_completions_are_batched_and_answer_as_alone(app_url):
+    """Unseeded greedy completions sent together share @serve.batch calls (fewer generate calls than requests)
+    and each gets the text it gets alone; logprobs in a batch line up with the text."""
+    from ray import serve
+
+    prompts = ["Photosynthesis makes", "The heart pumps", "Gravity pulls objects", "An atom has a nucleus and",
+               "Acids turn litmus paper", "Light travels at"]
+    alone = [httpx.post(f"{app_url}/v1/completions", headers=AUTH, timeout=60,
+                        json={"prompt": p, "max_tokens": 8, "temperature": 0}).json() for p in prompts]
+    scorer = serve.get_deployment_handle("Scorer", app_name="stemqa")
+    before = scorer.stats.remote().result(timeout_s=60)
+
+    async def together():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[client.post(f"{app_url}/v1/completions", headers=AUTH, json={
+                "prompt": p, "max_tokens": 8, "temperature": 0, "logprobs": 1}) for p in prompts])
+
+    responses = asyncio.run(together())
+    after = scorer.stats.remote().result(timeout_s=60)
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert after["gen_items"] - before["gen_items"] == len(prompts)
+    assert after["generate_calls"] - before["generate_calls"] < len(prompts)  # some shared one generate
+    for r, a in zip(responses, alone):
+        choice = r.json()["choices"][0]
+        assert choice["text"] == a["choices"][0]["text"]
+        lp = choice["logprobs"]
+        assert 1 <= len(lp["tokens"]) == len(lp["token_logprobs"]) <= 8 and all(x <= 0 for x in lp["token_logprobs"])
+        # greedy: each generated token tops its own top_logprobs
+        assert all(x == pytest.approx(max(top.values()), abs=1e-5) for x, top in zip(lp["token_logprobs"],
+                                                                                      lp["top_logprobs"]))
+
+
 @pytest.mark.parametrize("path,body,field", [
     ("/v1/completions", {"prompt": ""}, "prompt"),
     ("/v1/completions", {"prompt": []}, "prompt"),

@@ -260,7 +260,7 @@ class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Bind address; 127.0.0.1 unless told otherwise.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
     api_key_env: str = Field("STEMQA_API_KEY", description="Env var holding the API key; when set, requests need it.")
-    max_batch_size: int = Field(16, ge=1, description="@serve.batch max batch size.")
+    max_batch_size: int = Field(16, ge=1, description="@serve.batch max batch size: MCQA questions scored, and unseeded generation requests decoded, together (1 = no batching).")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: longest wait for a batch to fill.")
     max_choices: int = Field(26, ge=2, le=26, description="Most options a /v1/mcqa question may have.")
     max_text_chars: int = Field(4000, ge=1, description="Longest question or option accepted.")
