@@ -401,7 +401,7 @@ def sft_speed(args) -> dict:
                   f"cut at {max_len}). Padding is {res['padding_share']:.0%} of the tokens of TRL's padded micro-batches, "
                   f"so removing it (packing / padding-free) can speed a step up by at most "
                   f"{1 / (1 - res['padding_share']):.2f}x on this data. Same 8 samples per step in the same "
-                  f"order: largest per-step loss difference ours vs TRL {res['max_loss_diff_vs_trl']:.2e} (ours "
+                  f"order: largest per-step loss difference ours vs TRL {res['max_loss_diff_vs_trl']:.2e} ("
                   f"{ours[0]} {', '.join(f'{x:.4f}' for x in res[ours[0]]['losses'])}; TRL "
                   f"{', '.join(f'{x:.4f}' for x in res['trl_unpacked']['losses'])}).")
         write_block(SPEED_SECTION, SPEED_INTRO, title, table)

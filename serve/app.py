@@ -214,7 +214,8 @@ def build_app(cfg: StemqaConfig, model_dir: str, index_dir: Optional[str] = None
     s = cfg.serve
     scorer = Scorer.options(**scorer_options(cfg)).bind(
         model_dir, s.max_batch_size, s.batch_wait_timeout_s, threads_for(s.cpus_per_replica),
-        cfg.rag.token_budget, cfg.eval.subject_header, cfg.model.dtype, cfg.model.trust_remote_code)
+        cfg.rag.token_budget, cfg.eval.subject_header, cfg.model.dtype, cfg.model.trust_remote_code,
+        s.gen_batch_wait_timeout_s)
     retriever = None
     if index_dir:
         retriever = Retriever.options(**retriever_options(cfg)).bind(

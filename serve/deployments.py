@@ -53,7 +53,7 @@ async def _replica_stats(batch_sizes: Counter) -> dict:
 class Scorer:
     def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float, threads: int,
                  passage_token_budget: int, header: bool = True, dtype: str = "auto",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, gen_batch_wait_timeout_s: float = 0.2):
         import torch
 
         from stemqa.eval.scorer import MCQScorer
@@ -72,7 +72,7 @@ class Scorer:
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._generate_batch.set_max_batch_size(max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._generate_batch.set_batch_wait_timeout_s(gen_batch_wait_timeout_s)
         # for stats() (benchmarks, tests): requests per @serve.batch call, and scoring forward passes
         self.batch_sizes: Counter = Counter()
         self.forward_passes = 0
