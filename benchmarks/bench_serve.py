@@ -1,5 +1,5 @@
 """Serve throughput and latency: /v1/mcqa with batching on vs off, RAG on vs off, full-precision vs quantized
-model; tokens/s of generation (non-streamed chat completions), batching on vs off.
+model; tokens/s of /v1/completions generation, batching on vs off.
 
     python benchmarks/bench_serve.py [--model smollm2-135m-instruct] [--quant-method int8-weight | --quant-model DIR]
         [--index DIR] [--requests 48] [--concurrency 32] [--batch-size 16] [--rows full,quant] [--no-rag]
@@ -46,11 +46,12 @@ COLUMNS = ("One scorer replica (1 CPU, 1 torch thread) per row; q/batch call = q
            "q/forward = per scoring forward pass; CPU ms/req = CPU seconds of the scorer replica (and of all Serve "
            "processes: proxy, ingress, retriever, scorer) over the measured phase, per request (psutil); load avg = "
            "1-min load average before/after the row. Generation (second table, RAG-off rows): --gen-requests greedy "
-           "/v1/chat/completions (\"Explain step by step: <question>\") of up to --gen-tokens tokens, "
+           "/v1/completions (prompt: \"Explain step by step: <question>\" in the model's chat template) of up to "
+           "--gen-tokens tokens, "
            "min(--concurrency, --batch-size) in flight; requests/generate call from the scorer's counters.")
 FINDINGS = """Findings (2026-12-03, quiet machine, load ~1; the in-process figures: "Batching in-process" below,
 `benchmarks/bench_batching.py`):
-- Generation (non-streamed chat, 16 in flight, greedy, up to 32 tokens): batching gives 3.55x the tokens/s of
+- /v1/completions generation (16 in flight, greedy, up to 32 tokens): batching gives 3.55x the tokens/s of
   one request at a time for the full model and 3.74x for int8-weight, at a p99 of 9.3 s vs 30.6 s (10.3 vs
   36.2 s): the 3x goal is met for generation. A decode step reads every weight for one row of work, so 16
   rows share the read (in-process: 3.39x less CPU per token, the same tokens). Requests must reach the replica
@@ -176,12 +177,11 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> dict:
 
 
 def generation(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
-    """Concurrent greedy non-streamed /v1/chat/completions (closed loop, like `load`): generated tokens per wall
-    second and per scorer CPU second, p50/p99 latency, and how many requests shared each generate call."""
+    """Concurrent greedy /v1/completions (closed loop, like `load`): generated tokens per wall second and per
+    scorer CPU second, p50/p99 latency, and how many requests shared each generate call."""
     pids = serve_processes()
     before, stats0 = cpu_seconds(pids), deployment_stats("Scorer")
-    bodies = [{"messages": [{"role": "user", "content": p}], "max_tokens": max_tokens, "temperature": 0}
-              for p in prompts]
+    bodies = [{"prompt": p, "max_tokens": max_tokens, "temperature": 0} for p in prompts]
     latencies, tokens, errors = [], 0, 0
     queue: asyncio.Queue = asyncio.Queue()
     for b in bodies:
@@ -192,7 +192,7 @@ def generation(url: str, prompts: list[str], concurrency: int, max_tokens: int) 
         while not queue.empty():
             body = queue.get_nowait()
             t0 = time.perf_counter()
-            r = await client.post(f"{url}/v1/chat/completions", json=body)
+            r = await client.post(f"{url}/v1/completions", json=body)
             latencies.append((time.perf_counter() - t0) * 1000)
             errors += r.status_code != 200
             tokens += r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
@@ -249,8 +249,14 @@ def run_row(label: str, model: str, index: str | None, rag: bool, batch: int, ar
            "serve_cpu_ms_per_req": round(1000 * sum(v for k, v in cpu.items() if k != "client") / res["requests"]),
            "load_avg": [round(load0, 1), round(load1, 1)]}
     if not rag and not args.no_generation:
-        # a student's chat request: the instruct model answers at length (after a bare `Answer:` it mostly stops)
-        prompts = [f"Explain step by step: {b['question']}" for b in bodies][:args.gen_requests]
+        # a student's question in the model's chat format, as a program sends it to /v1/completions: the instruct
+        # model answers at length (after a bare `Answer:` it mostly stops at once)
+        from stemqa.models import load_tokenizer
+
+        tok = load_tokenizer(model)
+        prompts = [tok.apply_chat_template([{"role": "user", "content": f"Explain step by step: {b['question']}"}],
+                                           tokenize=False, add_generation_prompt=True)
+                   for b in bodies][:args.gen_requests]
         row.update(generation(url, prompts, min(args.concurrency, args.batch_size), args.gen_tokens))
     return row
 
@@ -287,7 +293,7 @@ def ratios(rows: list[dict]) -> list[str]:
                            f"{off['scorer_cpu_ms_per_req'] / on['scorer_cpu_ms_per_req']:.2f}x fewer scorer CPU "
                            f"seconds per request, p99 {on['p99_ms']} vs {off['p99_ms']} ms")
                 if "gen_tok_per_s" in on and "gen_tok_per_s" in off:
-                    out.append(f"{label}, generation (chat completions): batching gives "
+                    out.append(f"{label}, /v1/completions generation: batching gives "
                                f"{on['gen_tok_per_s'] / off['gen_tok_per_s']:.2f}x tokens/s (wall), "
                                f"{on['gen_tok_per_cpu_s'] / off['gen_tok_per_cpu_s']:.2f}x tokens per scorer CPU "
                                f"second, p99 {on['gen_p99_ms']} vs {off['gen_p99_ms']} ms")
@@ -323,7 +329,7 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=32, help="in-flight requests (>= 2x batch size fills batches)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-generation", action="store_true", help="skip the generation rows")
-    p.add_argument("--gen-requests", type=int, default=32, help="greedy chat completions per generation row, sent "
+    p.add_argument("--gen-requests", type=int, default=32, help="greedy /v1/completions per generation row, sent "
                    "min(--concurrency, --batch-size) at a time")
     p.add_argument("--gen-tokens", type=int, default=32, help="max_tokens of each generation request")
     p.add_argument("--batch-wait-s", type=float, default=None, help="serve.batch_wait_timeout_s (MCQA; default: "
