@@ -51,14 +51,14 @@ COLUMNS = ("One scorer replica (1 CPU, 1 torch thread) per row; q/batch call = q
            "min(--concurrency, --batch-size) in flight; requests/generate call from the scorer's counters.")
 FINDINGS = """Findings (2026-12-03, quiet machine, load ~1; the in-process figures: "Batching in-process" below,
 `benchmarks/bench_batching.py`):
-- /v1/completions generation (16 in flight, greedy, up to 32 tokens): batching gives 3.55x the tokens/s of
-  one request at a time for the full model and 3.74x for int8-weight, at a p99 of 9.3 s vs 30.6 s (10.3 vs
-  36.2 s): the 3x goal is met for generation. A decode step reads every weight for one row of work, so 16
+- /v1/completions generation (16 in flight, greedy, up to 32 tokens): batching gives 3.67x the tokens/s of
+  one request at a time for the full model and 4.17x for int8-weight, at a p99 of 9.1 s vs 32.5 s (9.8 vs
+  39.8 s): the 3x goal is met for generation. A decode step reads every weight for one row of work, so 16
   rows share the read (in-process: 3.39x less CPU per token, the same tokens). Requests must reach the replica
   together: with `serve.batch_wait_timeout_s` 0.01 s, 16 concurrent chat requests arrived in batches of 1, 2,
   4 and 9 (2.4x); generation now waits up to `serve.gen_batch_wait_timeout_s` (0.2 s, small beside seconds
   of decoding) and took all 16 in one batch.
-- /v1/mcqa: batching gives 1.16-1.18x (RAG off) and 1.03x (RAG on). Scoring a question is one prefill pass,
+- /v1/mcqa: batching gives 1.21-1.26x (RAG off) and 1.01x (RAG on). Scoring a question is one prefill pass,
   and at ~75 tokens each linear layer is already a 75-row matrix product near the core's peak, so batching has
   little to amortise (in-process: 1.21x less CPU per question in the served length groups). One left-padded
   pass over 16 mixed-length questions costs 0.70x (padding): so the scorer splits each batch into length
@@ -66,7 +66,7 @@ FINDINGS = """Findings (2026-12-03, quiet machine, load ~1; the in-process figur
   The 3x goal for /v1/mcqa needs hardware where a batch-1 forward pass is launch- or memory-bound (a GPU);
   none was lent to this project's sessions.
 - Earlier runs of this benchmark (2026-11-25) saw 0.2-0.6 req/s under a load average of 20-50 from other
-  jobs; on a quiet machine the same rows give 4.6-5.9 req/s (RAG off)."""
+  jobs; on a quiet machine the same rows give 4.2-5.7 req/s (RAG off)."""
 ROLES = {"Scorer": "scorer", "Retriever": "retriever", "Ingress": "ingress", "ProxyActor": "proxy"}
 
 
