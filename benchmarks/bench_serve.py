@@ -152,20 +152,24 @@ def deployment_stats(name: str) -> dict:
     return serve.get_deployment_handle(name, app_name="stemqa").stats.remote().result(timeout_s=60)
 
 
-async def load(url: str, bodies: list[dict], concurrency: int) -> dict:
-    latencies, errors = [], 0
+async def load(url: str, bodies: list[dict], concurrency: int, path: str = "/v1/mcqa") -> dict:
+    """Closed loop: `concurrency` clients each send the next body when the last is answered. Counts the
+    completion tokens of OpenAI-style answers (their `usage`) too."""
+    latencies, errors, tokens = [], 0, 0
     queue: asyncio.Queue = asyncio.Queue()
     for b in bodies:
         queue.put_nowait(b)
 
     async def worker(client):
-        nonlocal errors
+        nonlocal errors, tokens
         while not queue.empty():
             body = queue.get_nowait()
             t0 = time.perf_counter()
-            r = await client.post(f"{url}/v1/mcqa", json=body)
+            r = await client.post(f"{url}{path}", json=body)
             latencies.append((time.perf_counter() - t0) * 1000)
             errors += r.status_code != 200
+            if r.status_code == 200:
+                tokens += (r.json().get("usage") or {}).get("completion_tokens") or 0
 
     async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=concurrency)) as client:
         t0 = time.perf_counter()
@@ -173,43 +177,23 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> dict:
         wall = time.perf_counter() - t0
     return {"requests": len(bodies), "errors": errors, "wall_s": round(wall, 1),
             "req_per_s": round(len(bodies) / wall, 3), "p50_ms": round(statistics.median(latencies)),
-            "p99_ms": round(percentile(latencies, 0.99))}
+            "p99_ms": round(percentile(latencies, 0.99)), "tokens": tokens, "tok_per_s": round(tokens / wall, 1)}
 
 
 def generation(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
-    """Concurrent greedy /v1/completions (closed loop, like `load`): generated tokens per wall second and per
+    """Concurrent greedy /v1/completions (closed loop, `load`): generated tokens per wall second and per
     scorer CPU second, p50/p99 latency, and how many requests shared each generate call."""
     pids = serve_processes()
     before, stats0 = cpu_seconds(pids), deployment_stats("Scorer")
     bodies = [{"prompt": p, "max_tokens": max_tokens, "temperature": 0} for p in prompts]
-    latencies, tokens, errors = [], 0, 0
-    queue: asyncio.Queue = asyncio.Queue()
-    for b in bodies:
-        queue.put_nowait(b)
-
-    async def worker(client):
-        nonlocal tokens, errors
-        while not queue.empty():
-            body = queue.get_nowait()
-            t0 = time.perf_counter()
-            r = await client.post(f"{url}/v1/completions", json=body)
-            latencies.append((time.perf_counter() - t0) * 1000)
-            errors += r.status_code != 200
-            tokens += r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
-
-    async def run():
-        async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=concurrency)) as client:
-            await asyncio.gather(*[worker(client) for _ in range(concurrency)])
-
-    t0 = time.perf_counter()
-    asyncio.run(run())
-    wall = time.perf_counter() - t0
+    res = asyncio.run(load(url, bodies, concurrency, "/v1/completions"))
     cpu = cpu_seconds(pids)["scorer"] - before["scorer"]
     stats1 = deployment_stats("Scorer")
     calls = stats1["generate_calls"] - stats0["generate_calls"]
-    return {"gen_requests": len(bodies), "gen_errors": errors, "gen_tokens": tokens,
-            "gen_tok_per_s": round(tokens / wall, 1), "gen_tok_per_cpu_s": round(tokens / cpu, 1) if cpu > 0 else None,
-            "gen_p50_ms": round(statistics.median(latencies)), "gen_p99_ms": round(percentile(latencies, 0.99)),
+    return {"gen_requests": len(bodies), "gen_errors": res["errors"], "gen_tokens": res["tokens"],
+            "gen_tok_per_s": res["tok_per_s"],
+            "gen_tok_per_cpu_s": round(res["tokens"] / cpu, 1) if cpu > 0 else None,
+            "gen_p50_ms": res["p50_ms"], "gen_p99_ms": res["p99_ms"],
             "gen_per_call": round((stats1["gen_items"] - stats0["gen_items"]) / calls, 1) if calls else None,
             "gen_batch_sizes": {k: v - stats0["gen_batch_sizes"].get(k, 0) for k, v in stats1["gen_batch_sizes"].items()
                                 if v - stats0["gen_batch_sizes"].get(k, 0)}}

@@ -73,32 +73,21 @@ class Generator:
         rows = self.scorer._last_logprobs(prompts, keep)
         return [row[keep - len(p):] for row, p in zip(rows, prompts)]
 
-    @torch.inference_mode()
     def generate(self, ids: list[int], max_tokens: int, temperature: float, top_p: float,
                  seed: Optional[int]) -> tuple[list[int], torch.Tensor]:
         """New token ids and their [n, vocab] log-probs under the model (before sampling transforms)."""
-        if max_tokens == 0:
-            return [], torch.empty(0)
         if seed is not None:
             torch.manual_seed(seed)
-        sample = temperature > 0
-        out = self.model.generate(
-            torch.tensor([ids], device=self.scorer.device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                                                                                    device=self.scorer.device),
-            max_new_tokens=max_tokens, do_sample=sample, temperature=temperature if sample else None,
-            top_p=top_p if sample else None, top_k=None, output_logits=True, return_dict_in_generate=True,
-            pad_token_id=self.scorer.pad_id)
-        new = out.sequences[0, len(ids):].tolist()
-        logits = torch.stack([step[0] for step in out.logits]).float() if out.logits else torch.empty(0)
-        return new, torch.log_softmax(logits, dim=-1).cpu()
+        return self.generate_many([ids], max_tokens, temperature, top_p, with_logprobs=True)[0]
 
     @torch.inference_mode()
     def generate_many(self, prompts: list[list[int]], max_tokens: int, temperature: float, top_p: float,
                       with_logprobs: bool) -> list[tuple[list[int], Optional[torch.Tensor]]]:
         """`generate` for several prompts in one left-padded `model.generate` (greedy, or sampling from the
         global RNG: no per-request seed). Each row's new tokens end at its eos. Decoding reads every weight once
-        per step whatever the batch, so on this CPU 16 prompts decode at 6x the tokens/s of one at a time
-        (SmolLM2-135M, 1 thread, same greedy tokens); log-probs only when asked: they cost [rows, steps, vocab]."""
+        per step whatever the batch, so on this CPU 16 prompts cost 3.39x less CPU per token than one at a time
+        (benchmarks/bench_batching.py: SmolLM2-135M, 1 thread, same greedy tokens); log-probs only when asked:
+        they cost [rows, steps, vocab]."""
         if max_tokens == 0:
             return [([], torch.empty(0)) for _ in prompts]
         width, pad = max(map(len, prompts)), self.scorer.pad_id
