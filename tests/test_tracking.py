@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -144,10 +145,22 @@ def test_wandb_offline_run_holds_the_stage_metrics(tmp_path, monkeypatch):
     run = Run.create(str(tmp_path), "t")
     metrics = {"losses": [1.5, 1.25, 0.75], "evals": [{"step": 2, "reward_accuracy": 0.625}], "final_acc": 0.875}
     log_stage(run, "dpo", metrics, TrackingConfig(backends=["wandb"], wandb_mode="offline"))
+    # `finish()` only *tells* wandb-core the run is done (a fire-and-forget publish); the core flushes the
+    # run file when it closes the stream, which under load can be after finish() returns. Teardown waits for
+    # the core to exit, as the atexit hook does when a job's process ends, so the file is whole after it.
+    import wandb
+
+    wandb.teardown()
     files = list((run.path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
-    data = files[0].read_bytes()  # protobuf records: keys and JSON values are stored as plain strings
-    for key in (b"train/loss", b"val/reward_accuracy", b"final_acc", b"0.625", b"0.875", b"1.25", b"0.75"):
+    keys = (b"train/loss", b"val/reward_accuracy", b"final_acc", b"0.625", b"0.875", b"1.25", b"0.75")
+    deadline = time.monotonic() + 30  # belt and braces: should the core still be writing, give it time
+    while True:
+        data = files[0].read_bytes()  # protobuf records: keys and JSON values are stored as plain strings
+        if all(k in data for k in keys) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for key in keys:
         assert key in data, key
     assert (run.path / "dpo" / "metrics.jsonl").exists()
 
