@@ -109,6 +109,61 @@ def test_packed_row_blocks_cross_sample_attention(tiny_model, attn):
     assert n == n_packed == 6 and abs(float(padded) - float(packed_loss)) < 1e-4
 
 
+def test_packed_attention_attends_per_sample_and_matches_the_masked_row(tiny_model, monkeypatch):
+    """`stemqa_packed_sdpa` runs one causal attention per sample span of a packed row, and gives the loss and
+    every gradient that sdpa's block-diagonal mask over the whole row gives; a padded batch is sdpa's own path."""
+    from stemqa.models import packed_attention
+
+    tok = load_tokenizer(tiny_model)
+    samples = [encode_mcq(tok, q, 512) for q in (Q, Q2, MCQ("q3", "math", "2 + 2 = ?", ["3", "4", "5"], 1, "t"))]
+    lens = [len(s["prompt"]) + len(s["completion"]) for s in samples]
+    masked = load_causal_lm(tiny_model, device="cpu", attn_implementation="sdpa").train()
+    spans = load_causal_lm(tiny_model, device="cpu", attn_implementation=packed_attention.register()).train()
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: seen.append((q.shape[2], k.get("is_causal"))) or sdpa(q, *a, **k))
+    losses = []
+    for model in (masked, spans):
+        seen.clear()
+        loss, _ = completion_loss(model, pack(samples))
+        loss.backward()
+        losses.append(float(loss.detach()))
+        calls = list(seen)
+    n_layers = spans.config.num_hidden_layers
+    assert calls == [(n, True) for n in lens] * n_layers  # one causal attention per sample, never the whole row
+    assert abs(losses[0] - losses[1]) < 1e-5
+    for (name, a), b in zip(masked.named_parameters(), spans.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+    with torch.no_grad():  # unpacked, left-padded: sdpa's masked path, the same loss
+        seen.clear()
+        batch = collate(samples, tok.pad_token_id)
+        padded = [completion_loss(m, batch)[0] for m in (masked, spans)]
+    assert abs(float(padded[0]) - float(padded[1])) < 1e-6
+    assert {n for n, _ in seen} == {batch["input_ids"].shape[1]}  # whole padded rows, as sdpa attends them
+
+
+def test_tied_embedding_gradient_is_the_dense_one_without_the_dense_lookup(tiny_model):
+    """A training model with tied embeddings does its lookup backward sparse; the weight's gradient, summed with
+    lm_head's, is dense and equals the all-dense gradient over two accumulated micro-batches. LoRA (frozen
+    embeddings) and ZeRO-3 (its own hooks on the weight) keep the dense lookup."""
+    from stemqa.config.schema import LoraConfig
+    from stemqa.train.common import load_train_model
+
+    tok = load_tokenizer(tiny_model)
+    samples = [encode_mcq(tok, q, 512) for q in (Q, Q2)]
+    grads = []
+    for sparse in (True, False):
+        model = load_train_model(tiny_model, None, False, zero_stage=0 if sparse else 3).train()
+        assert model.get_input_embeddings().sparse is sparse
+        for micro in (samples[:1], samples[1:]):  # accumulated, as DeepSpeed does between optimizer steps
+            completion_loss(model, pack(micro))[0].backward()
+        grads.append(model.get_input_embeddings().weight.grad)
+    assert grads[0].layout == torch.strided and not grads[0].is_sparse
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
+    assert not load_train_model(tiny_model, LoraConfig(), False).get_input_embeddings().sparse
+
+
 @pytest.mark.slow  # Ray Train start-up alone is ~45 s on 2 CPUs; 80-180 s in all here
 def test_sft_run_saves_loadable_model_and_loss_falls(ray_local, shared_data, tiny_model, tmp_path):
     records, _ = load_file(shared_data / "mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", source="arc",

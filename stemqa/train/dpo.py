@@ -170,7 +170,7 @@ def train_loop(config: dict) -> None:
     schedule = common.Schedule(len(train), dpo.batch_size, world, dpo.grad_accum, dpo.seed)
     total = schedule.total_steps(dpo.epochs, dpo.max_steps)
     torch.manual_seed(dpo.seed + r)
-    model = common.load_train_model(config["base_path"], dpo.lora, common.use_bf16(res))
+    model = common.load_train_model(config["base_path"], dpo.lora, common.use_bf16(res), zero_stage=res.zero_stage)
     engine = common.make_engine(model, res, dpo.lr, dpo.batch_size, dpo.grad_accum, total)
     restored = common.restore_checkpoint(engine)
     resumed_from = restored["step"] if restored else None  # `state` below is this dict and moves on

@@ -11,7 +11,9 @@ resume. The result is a plain HF directory at `out_dir/model` that `stemqa.model
 attention mask. From such position_ids transformers builds a block-diagonal causal mask (sdpa/eager/flex) or
 FlashAttention's varlen boundaries, so samples never attend to each other (tests/test_sft.py checks the
 per-token log-probs equal separate forwards). The micro-batch still holds `batch_size` samples, so the sample
-order, the effective batch and resuming are the same as unpacked; what packing removes is the padding.
+order, the effective batch and resuming are the same as unpacked; what packing removes is the padding. On
+sdpa/eager that mask still costs attention over the whole row, so a packed run loads the model with
+`stemqa.models.packed_attention`, which attends within each sample's span only.
 """
 from __future__ import annotations
 
@@ -166,7 +168,8 @@ def train_loop(config: dict) -> None:
     total = schedule.total_steps(sft.epochs, sft.max_steps)
     torch.manual_seed(sft.seed + r)
 
-    model = common.load_train_model(config["base_path"], sft.lora, common.use_bf16(res))
+    model = common.load_train_model(config["base_path"], sft.lora, common.use_bf16(res), packed=sft.packing,
+                                     zero_stage=res.zero_stage)
     engine = common.make_engine(model, res, sft.lr, sft.batch_size, sft.grad_accum, total,
                                 int(sft.warmup_ratio * total))
     restored = common.restore_checkpoint(engine)
