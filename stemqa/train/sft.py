@@ -203,6 +203,7 @@ def train_loop(config: dict) -> None:
         tracker.log(state["step"], {"train/loss": state["losses"][-1]})
         state["tokens"] += int(tokens)
         state["train_s"] += time.perf_counter() - t0
+        state.setdefault("step_s", []).append(time.perf_counter() - t0)  # per step: warm-up vs steady state
         cpu_s += time.process_time() - c0
         if config.get("fail_at_step") == state["step"] and restored is None and r == 0:
             os._exit(1)  # fault injection for the resume tests: a worker process dies mid-run
@@ -240,6 +241,7 @@ def train_loop(config: dict) -> None:
         "resumed_from_step": resumed_from,
         "train_cpu_s": common.all_reduce_sum([cpu_s])[0],  # all ranks, this attempt only
         "losses": state["losses"],  # train loss per optimizer step, for stemqa.tracking and the report
+        "step_s": state.get("step_s", []),  # wall seconds of each optimizer step (benchmarks: steady state)
         "tracked_live": bool(config.get("tracking")),  # the steps are in the trackers already
     })
 
