@@ -333,8 +333,8 @@ def _ours_summary(m: dict, load0: float) -> dict:
     other = m["worker_total_s"] - m["worker_setup_s"] - m["train_s"]  # final eval/save/checkpoint reports
     return {"tokens": m["tokens"], "train_s": m["train_s"], "train_cpu_s": m["train_cpu_s"],
             "tokens_per_s": m["tokens_per_s"], "tokens_per_cpu_s": m["tokens"] / m["train_cpu_s"],
-            "losses": m["losses"], "step_s": m.get("step_s", []), "ray_startup_teardown_s": startup, "worker_setup_s": m["worker_setup_s"],
-            "worker_after_steps_s": other, "fit_s": m["fit_s"], "steps": m["steps"], "load": [load0, load1()]}
+            "losses": m["losses"], "step_s": m.get("step_s", []), "ray_startup_teardown_s": startup,
+            "worker_setup_s": m["worker_setup_s"], "worker_after_steps_s": other, "fit_s": m["fit_s"], "steps": m["steps"], "load": [load0, load1()]}
 
 
 MIXED_SOURCES = [("mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", "arc_easy"),

@@ -202,8 +202,9 @@ def train_loop(config: dict) -> None:
         state["losses"].append(loss_sum / max(n_tok, 1.0))
         tracker.log(state["step"], {"train/loss": state["losses"][-1]})
         state["tokens"] += int(tokens)
-        state["train_s"] += time.perf_counter() - t0
-        state.setdefault("step_s", []).append(time.perf_counter() - t0)  # per step: warm-up vs steady state
+        step_s = time.perf_counter() - t0
+        state["train_s"] += step_s
+        state.setdefault("step_s", []).append(step_s)  # per step: warm-up vs steady state (benchmarks)
         cpu_s += time.process_time() - c0
         if config.get("fail_at_step") == state["step"] and restored is None and r == 0:
             os._exit(1)  # fault injection for the resume tests: a worker process dies mid-run
