@@ -164,6 +164,40 @@ def test_tied_embedding_gradient_is_the_dense_one_without_the_dense_lookup(tiny_
     assert not load_train_model(tiny_model, LoraConfig(), False).get_input_embeddings().sparse
 
 
+def test_resume_takes_the_newest_checkpoint_every_rank_finished_uploading(tmp_path, monkeypatch, caplog):
+    """A worker that dies right after `ray.train.report` can leave its checkpoint in storage but unregistered
+    by Ray's controller: the resume takes it when every rank of its run marked its upload done, and is newer than
+    Ray's; otherwise Ray's."""
+    import json
+    from types import SimpleNamespace
+
+    from pyarrow import fs as pafs
+
+    from stemqa.train import common
+
+    def ckpt(step, world=2, uploaded=(0, 1), state=True, tag="a"):
+        d = tmp_path / f"{common.CKPT_PREFIX}{step:08d}_{tag}"
+        d.mkdir()
+        if state:
+            (d / common.TRAINER_STATE).write_text(json.dumps({"step": step, "world": world}))
+        for r in uploaded:
+            (d / common.UPLOADED.format(r)).touch()
+        return SimpleNamespace(path=str(d))
+
+    monkeypatch.setattr(common, "_run_storage", lambda: (pafs.LocalFileSystem(), str(tmp_path)))
+    known = ckpt(2)
+    assert common._newer_complete(known) is None  # nothing newer than Ray's
+    (tmp_path / "checkpoint_2026-12-04_00-00-00.000000").mkdir()  # Ray's default name, no step: never chosen
+    ckpt(6, uploaded=(0,))  # rank 1 died before its upload finished
+    ckpt(5, state=False)  # rank 0's trainer state missing
+    assert common._newer_complete(known) is None
+    orphan = ckpt(4)
+    ckpt(1)
+    assert common._newer_complete(known) == orphan.path and "newer than Ray's" in caplog.text
+    assert common._newer_complete(None) == orphan.path  # Ray registered none at all
+    assert common._newer_complete(ckpt(4, world=1, uploaded=(0,), tag="b")) is None  # a tie: Ray's
+
+
 @pytest.mark.slow  # Ray Train start-up alone is ~45 s on 2 CPUs; 80-180 s in all here
 def test_sft_run_saves_loadable_model_and_loss_falls(ray_local, shared_data, tiny_model, tmp_path):
     records, _ = load_file(shared_data / "mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", source="arc",

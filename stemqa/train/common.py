@@ -230,26 +230,89 @@ def rank() -> int:
 
 
 # ---------------------------------------------------------------- checkpoints
+# Ray Train registers a checkpoint only when its controller polls the worker's report (every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A worker that dies inside that window leaves the checkpoint complete in
+# storage but unknown to Ray, so the restart (or a re-submitted run) would resume from an older one or from
+# scratch. So each rank marks its part uploaded once `report` returns, and `latest_checkpoint` takes the newest
+# complete checkpoint in the run's storage when it is newer than Ray's.
+CKPT_PREFIX = "checkpoint_step"
+UPLOADED = "uploaded_rank{}"
+
+
 def report_checkpoint(engine, state: dict, metrics: dict) -> None:
     """Every rank saves its DeepSpeed shards (+ RNG) into one Ray checkpoint with the trainer state."""
+    import uuid
+
     import ray.train
     import torch
+    from ray.train.collective import broadcast_from_rank_zero
 
+    r, world = rank(), ray.train.get_context().get_world_size()
+    # the step in the name orders checkpoints without opening them; the suffix keeps a re-run's apart
+    name = broadcast_from_rank_zero(f"{CKPT_PREFIX}{state['step']:08d}_{uuid.uuid4().hex[:8]}")
     with tempfile.TemporaryDirectory(prefix="stemqa-ckpt-") as d:
         engine.save_checkpoint(d, tag=DS_TAG)
-        r = rank()
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, Path(d) / f"rng_rank{r}.pt")
         if r == 0:
-            (Path(d) / TRAINER_STATE).write_text(json.dumps(state))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            (Path(d) / TRAINER_STATE).write_text(json.dumps({**state, "world": world}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+    fs, root = _run_storage()
+    with fs.open_output_stream(f"{root}/{name}/{UPLOADED.format(r)}"):
+        pass  # this rank's files are in storage: `report` returns after its upload
+
+
+def _run_storage():
+    """(pyarrow filesystem, path of this run's directory on it)."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    return storage.storage_filesystem, storage.experiment_fs_path
+
+
+def _step_of(name: str) -> int:
+    return int(name[len(CKPT_PREFIX):].split("_")[0]) if name.startswith(CKPT_PREFIX) else -1
+
+
+def latest_checkpoint():
+    """Ray's last registered checkpoint, or a newer complete one in the run's storage (see above); rank 0
+    chooses, so all ranks load the same one."""
+    import ray.train
+    from ray.train.collective import broadcast_from_rank_zero
+
+    known = ray.train.get_checkpoint()
+    fs, _ = _run_storage()
+    found = broadcast_from_rank_zero(_newer_complete(known) if rank() == 0 else None)
+    return ray.train.Checkpoint(found, filesystem=fs) if found else known
+
+
+def _newer_complete(known) -> Optional[str]:
+    """The path of the newest checkpoint in storage that every rank finished uploading, if newer than `known`."""
+    from pyarrow import fs as pafs
+
+    newest = _step_of(Path(known.path).name) if known is not None else -1
+    fs, root = _run_storage()
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    for info in sorted((i for i in infos if i.type == pafs.FileType.Directory), key=lambda i: -_step_of(i.base_name)):
+        if _step_of(info.base_name) <= newest:
+            return None
+        files = {f.base_name for f in fs.get_file_info(pafs.FileSelector(info.path))}
+        if TRAINER_STATE not in files:
+            continue
+        with fs.open_input_stream(f"{info.path}/{TRAINER_STATE}") as f:
+            world = json.loads(f.read()).get("world", 1)
+        if all(UPLOADED.format(r) in files for r in range(world)):
+            logging.getLogger(__name__).warning(
+                "resuming from %s: complete in storage, newer than Ray's last registered checkpoint (%s)",
+                info.base_name, Path(known.path).name if known is not None else None)
+            return info.path
+    return None
 
 
 def restore_checkpoint(engine) -> Optional[dict]:
-    """Load the last recorded checkpoint into the engine (model, optimizer, scheduler, RNG); its trainer state."""
-    import ray.train
+    """Load the latest checkpoint into the engine (model, optimizer, scheduler, RNG); its trainer state."""
     import torch
 
-    ckpt = ray.train.get_checkpoint()
+    ckpt = latest_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
@@ -259,7 +322,9 @@ def restore_checkpoint(engine) -> Optional[dict]:
             saved = torch.load(rng, weights_only=False)
             torch.set_rng_state(saved["torch"])
             np.random.set_state(saved["numpy"])
-        return json.loads((Path(d) / TRAINER_STATE).read_text())
+        state = json.loads((Path(d) / TRAINER_STATE).read_text())
+        state.pop("world", None)
+        return state
 
 
 # ---------------------------------------------------------------- the final model
