@@ -5,7 +5,7 @@
     python benchmarks/bench_train.py --sft-speed  [--speed-steps 8]
     python benchmarks/bench_train.py --dpo-speed  [--speed-steps 8]
 
-Every experiment runs the library path (`stemqa.train.sft.run_sft` / `stemqa.train.dpo.run_dpo`: Ray Train
+With no flag, all four run (what `benchmarks/run.sh` does). Every experiment runs the library path (`stemqa.train.sft.run_sft` / `stemqa.train.dpo.run_dpo`: Ray Train
 TorchTrainer + DeepSpeed ZeRO) in a private local Ray instance, prints a JSON summary and rewrites its own
 `### ` block of the "Training" sections of BENCHMARKS.md (--no-write: print only).
 
@@ -20,10 +20,13 @@ TorchTrainer + DeepSpeed ZeRO) in a private local Ray instance, prints a JSON su
   `SFTTrainer` process (2 threads; unpacked and padding_free). Tokens = real (non-padding) tokens the forward
   sees. --sft-data arc (ARC-Easy harness MCQs), aqua (open-ended rationales) or mixed (the MCQ sets pooled:
   ARC, AI2, QASC, AQuA-RAT, MMLU; lengths spread widely). TRL reads the samples in our schedule's order, so every
-  step trains on the same samples and the per-step losses can be compared.
+  step trains on the same samples and the per-step losses can be compared. The TRL runs come first, with no Ray
+  instance up (a TRL user runs none, and an idle one costs these 2 cores 15-20%), then the same packed steps as a
+  plain torch loop in this process (no Ray, no DeepSpeed): Ray's per-step cost is that row against ours.
 - dpo-speed: DPO tokens/s with precomputed reference log-probs (ours: 2 workers x 1 thread and 1 worker x 2
   threads) vs TRL `DPOTrainer` (reference model forward every step, its default, and with
-  precompute_ref_log_probs=True) on the same 4 pairs per step, so the per-step losses can be compared.
+  precompute_ref_log_probs=True) on the same 4 pairs per step, so the per-step losses can be compared; TRL first,
+  with no Ray instance up.
 
 CPU is shared with other jobs: every figure comes with the 1-minute load average and with CPU seconds (process
 CPU time of the training steps, summed over workers), which other jobs distort less than wall time.
@@ -100,6 +103,15 @@ def ray_up():
     if not ray.is_initialized():
         init_ray("local", num_cpus=2)
     return time.perf_counter() - t
+
+
+def ray_down() -> None:
+    """The TRL baselines run with no Ray instance up: an idle one (raylet, GCS, dashboard, prestarted workers,
+    every Ray process waking every 10 ms) slowed the same in-process steps by 15-20% on these 2 cores."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 # ---------------------------------------------------------------- SFT: does it learn
@@ -276,7 +288,7 @@ def _trl_common(out_dir: Path, steps: int, batch: int, accum: int, lr: float) ->
                 seed=0, disable_tqdm=True)
 
 
-def trl_sft(samples: list[dict], steps: int, padding_free: bool, max_len: int) -> dict:
+def trl_sft(samples: list[dict], steps: int, padding_free: bool, max_len: int, micro: int = 4) -> dict:
     """TRL SFTTrainer on our pre-tokenized samples (input_ids + completion_mask: the same tokens and loss)."""
     import torch
     from datasets import Dataset
@@ -291,7 +303,7 @@ def trl_sft(samples: list[dict], steps: int, padding_free: bool, max_len: int) -
     clock = _StepClock()
     with tempfile.TemporaryDirectory() as d:
         # padding-free without packing does not truncate, so TRL wants max_length=None: our encoder already cut
-        args = SFTConfig(**_trl_common(Path(d), steps, 4, 2, 2e-5), max_length=None if padding_free else max_len,
+        args = SFTConfig(**_trl_common(Path(d), steps, micro, 8 // micro, 2e-5), max_length=None if padding_free else max_len,
                          completion_only_loss=True,
                          padding_free=padding_free, packing=False)
         trainer = SFTTrainer(model=load_causal_lm(path, dtype="float32").train(), args=args, train_dataset=ds,
@@ -305,6 +317,46 @@ def trl_sft(samples: list[dict], steps: int, padding_free: bool, max_len: int) -
             "load": [load0, load1()]}
 
 
+def bare_sft(samples: list[dict], steps: int, packing: bool) -> dict:
+    """Our SFT steps (same collate, loss, weighting, clipping, fused AdamW and schedule; 4 x 2 accumulated)
+    in this process, with no Ray and no DeepSpeed: against our Ray Train run it gives Ray's per-step cost."""
+    import torch
+
+    from stemqa.models import load_tokenizer, resolve_model
+    from stemqa.train.common import linear_schedule, load_train_model
+    from stemqa.train.sft import batch_tokens, collate, completion_loss, step_weight
+
+    torch.set_num_threads(2)
+    path = str(resolve_model(MODEL))
+    pad_id = load_tokenizer(path).pad_token_id
+    model = load_train_model(path, None, False, packed=packing).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(steps, 0))
+    losses, step_s, tokens, cpu = [], [], 0, 0.0
+    load0 = load1()
+    for k in range(steps):
+        t, c = time.perf_counter(), time.process_time()
+        step = samples[k * 8:(k + 1) * 8]
+        n_step = sum(len(x["completion"]) for x in step)
+        loss_sum = 0.0
+        for micro in (step[:4], step[4:]):
+            batch = collate(micro, pad_id, packing)
+            loss, n = completion_loss(model, batch)
+            (loss * step_weight(n, n_step, 1, 1)).backward()
+            loss_sum += float(loss.detach()) * n
+            tokens += batch_tokens(batch)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss_sum / n_step)
+        step_s.append(time.perf_counter() - t)
+        cpu += time.process_time() - c
+    wall = sum(step_s)
+    return {"tokens": tokens, "train_s": wall, "train_cpu_s": cpu, "tokens_per_s": tokens / wall,
+            "tokens_per_cpu_s": tokens / cpu, "losses": losses, "step_s": step_s, "load": [load0, load1()]}
+
+
 def zero_stage(workers: int) -> int:
     """ZeRO-2 across 2 workers; one worker has nothing to partition, and ZeRO-2's flat-partition copies cost it
     1.48x the step time of ZeRO-0 (measured, SmolLM2-135M, ARC, 8 steps: 49.9 vs 33.8 s)."""
@@ -312,13 +364,14 @@ def zero_stage(workers: int) -> int:
 
 
 def ours_sft(samples_path: Path, steps: int, packing: bool, work: Path, name: str, workers: int, data: str,
-             max_len: int) -> dict:
-    """8 samples per optimizer step: 2 workers x 4 (1 thread each), or 1 worker x 4 x 2 accumulated (2 threads)."""
+             max_len: int, micro: int = 4) -> dict:
+    """8 samples per optimizer step: 2 workers x 4 (1 thread each), or 1 worker x `micro` x 8 / `micro` accumulated
+    (2 threads)."""
     from stemqa.config import load_config
     from stemqa.train.sft import run_sft
 
-    cfg = load_config("demo", [f"model.name={MODEL}", f"sft.max_steps={steps}", "sft.batch_size=4",
-                               f"sft.grad_accum={3 - workers}", "sft.lr=2e-5", "sft.eval_fraction=0.0",
+    cfg = load_config("demo", [f"model.name={MODEL}", f"sft.max_steps={steps}", f"sft.batch_size={micro}",
+                               f"sft.grad_accum={8 // (micro * workers)}", "sft.lr=2e-5", "sft.eval_fraction=0.0",
                                f"sft.data={data}", f"sft.max_seq_len={max_len}", f"sft.packing={str(packing).lower()}",
                                "sft.checkpoint_every=1000", f"sft.resources.num_workers={workers}",
                                f"sft.resources.cpus_per_worker={1.8 / workers:g}",
@@ -382,8 +435,17 @@ def sft_speed(args) -> dict:
     work = scratch_dir("bench-sft-speed-")
     # exactly steps x 8 samples: both sides see every one once
     path, samples, data, max_len, title, what = _sft_data(args.sft_data, steps * 8, work)
-    ray_s = ray_up()
-    res = {"ray_init_s": ray_s, "samples": len(samples)}
+    # TRL reads its data sequentially: give it the samples in our Schedule's order (both our layouts give each
+    # step the same 8, and 1 worker x 2 accumulated the same micro-batches of 4), so every step sees the same data
+    seed = load_config("demo").sft.seed
+    ordered = [samples[i] for k in range(steps) for i in Schedule(len(samples), 4, 1, 2, seed).step_samples(k)]
+    ray_down()  # the single-process baselines first, on a machine without Ray
+    res = {"samples": len(samples),
+           "trl_unpacked": trl_sft(ordered, steps, padding_free=False, max_len=max_len),
+           "trl_padding_free": trl_sft(ordered, steps, padding_free=True, max_len=max_len),
+           "trl_unpacked_8": trl_sft(ordered, steps, padding_free=False, max_len=max_len, micro=8),
+           "bare_packed": bare_sft(ordered, steps, packing=True)}
+    res["ray_init_s"] = ray_up()
     labels = {2: "Ray Train 2 workers x 1 thread x batch 4", 1: "Ray Train 1 worker x 2 threads x batch 4 x 2 accumulated"}
     rows = []
     for workers in args.sft_workers:
@@ -392,12 +454,13 @@ def sft_speed(args) -> dict:
             res[key] = ours_sft(path, steps, packing, work, key, workers, data, max_len)
             rows.append((key, f"ours, {'packed (padding-free rows)' if packing else 'unpacked'}, {labels[workers]}, "
                               f"ZeRO-{zero_stage(workers)}"))
-    # TRL reads its data sequentially: give it the samples in our Schedule's order (both our layouts give each
-    # step the same 8, and 1 worker x 2 accumulated the same micro-batches of 4), so every step sees the same data
-    seed = load_config("demo").sft.seed
-    samples = [samples[i] for k in range(steps) for i in Schedule(len(samples), 4, 1, 2, seed).step_samples(k)]
-    res["trl_unpacked"] = trl_sft(samples, steps, padding_free=False, max_len=max_len)
-    res["trl_padding_free"] = trl_sft(samples, steps, padding_free=True, max_len=max_len)
+    if 1 in args.sft_workers:
+        # Padding-free rows make a micro-batch of all 8 samples cheap (no padding to the longest of 8): one
+        # forward/backward per step, half the kernel launches, larger matrix products
+        res["ours_1w_packed_8"] = ours_sft(path, steps, True, work, "ours_1w_packed_8", 1, data, max_len, micro=8)
+        rows.append(("ours_1w_packed_8", "ours, packed, Ray Train 1 worker x 2 threads x batch 8 (one row per step), "
+                                         "ZeRO-0"))
+    samples = ordered
     ours = [k for k, _ in rows]
     res["max_loss_diff_vs_trl"] = max(abs(a - b) for k in ours
                                       for a, b in zip(res[k]["losses"], res["trl_unpacked"]["losses"]))
@@ -410,7 +473,10 @@ def sft_speed(args) -> dict:
         table = _speed_table(res, "trl_unpacked", steps, args, f"--sft-speed --sft-data {args.sft_data} --sft-workers "
                              + ",".join(map(str, args.sft_workers)), rows + [
             ("trl_unpacked", "TRL SFTTrainer, 1 process x 2 threads x batch 4 x 2 accumulated, padded batches"),
-            ("trl_padding_free", "TRL SFTTrainer, padding_free=True")],
+            ("trl_padding_free", "TRL SFTTrainer, padding_free=True"),
+            ("trl_unpacked_8", "TRL SFTTrainer, padded batches of 8 (one per step)"),
+            ("bare_packed", "our packed steps without Ray Train or DeepSpeed (plain torch loop in one process, "
+                            "no Ray running): Ray's per-step cost on 2 CPUs")],
             step_tokens=[sum(lens[k * 8:(k + 1) * 8]) for k in range(steps)])
         table += (f"\n\nData: {len(samples)} {what}, {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f}, "
                   f"cut at {max_len}). Padding is {res['padding_share']:.0%} of the tokens of TRL's padded micro-batches, "
@@ -479,18 +545,19 @@ def dpo_speed(args) -> dict:
 
     cfg = config(2)
     prepare_pairs(["aqua:mcq/aqua_rat/dev.json"], DATA, load_tokenizer(MODEL), cfg.dpo, work / "pairs")
-    res = {"ray_init_s": ray_up()}
+    train = read_pairs(work / "pairs/train.jsonl")
+    sched = Schedule(len(train), 2, 2, 1, cfg.dpo.seed)
+    order = [train[i].id for k in range(steps) for r in (0, 1) for i in sched.micro_batch(k, r)]
+    ray_down()  # the single-process baselines first, on a machine without Ray (see ray_down)
+    res = {"trl_ref_model": trl_dpo(work / "pairs", order, steps, precompute=False, max_len=512),
+           "trl_precomputed": trl_dpo(work / "pairs", order, steps, precompute=True, max_len=512)}
+    res["ray_init_s"] = ray_up()
     for workers in (2, 1):  # the second run reuses the reference log-probs the first one stored beside the pairs
         load0 = load1()
         m = run_dpo(config(workers), work / "pairs", work / f"out{workers}", MODEL,
                     run_name=f"dpo-speed-{workers}w")["metrics"]
         res[f"ours_{workers}w"] = {**_ours_summary(m, load0), "ref_logps_s": m["ref_logps_s"]}
     m = res["ours_2w"]
-    train = read_pairs(work / "pairs/train.jsonl")
-    sched = Schedule(len(train), 2, 2, 1, cfg.dpo.seed)
-    order = [train[i].id for k in range(steps) for r in (0, 1) for i in sched.micro_batch(k, r)]
-    res["trl_ref_model"] = trl_dpo(work / "pairs", order, steps, precompute=False, max_len=512)
-    res["trl_precomputed"] = trl_dpo(work / "pairs", order, steps, precompute=True, max_len=512)
     res["max_loss_diff_vs_trl"] = max(abs(a - b) for k in ("ours_2w", "ours_1w")
                                       for a, b in zip(res[k]["losses"], res["trl_ref_model"]["losses"]))
     if not args.no_write:
@@ -513,7 +580,8 @@ def dpo_speed(args) -> dict:
 SPEED_INTRO = ("Measured with `benchmarks/bench_train.py` (one flag per experiment). Tokens/s = real tokens the "
                "forward sees / time of the optimizer steps; tokens per CPU-second = the same tokens / process CPU "
                "seconds of those steps (all workers), the fairer figure on this shared machine. Ray start-up and "
-               "per-run overhead are listed apart from the steps.")
+               "per-run overhead are listed apart from the steps; the TRL baselines run first, with no Ray instance "
+               "up, and the plain-loop row (our steps without Ray) shows Ray's per-step cost.")
 
 
 def steady_tokens_per_s(r: dict, step_tokens: list[int]) -> float:
@@ -575,8 +643,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     chosen = [(f, fn) for f, fn in (("sft_learn", sft_learn), ("dpo_learn", dpo_learn), ("sft_speed", sft_speed),
                                     ("dpo_speed", dpo_speed)) if getattr(args, f)]
-    if not chosen:
-        p.error("pick at least one experiment flag")
+    if not chosen:  # `benchmarks/run.sh` runs every bench_*.py without arguments: all four experiments
+        chosen = [("sft_learn", sft_learn), ("dpo_learn", dpo_learn), ("sft_speed", sft_speed), ("dpo_speed", dpo_speed)]
     for name, fn in chosen:
         out = fn(args)
         print(json.dumps({name: out}, default=str, indent=1))

@@ -128,7 +128,9 @@ class SFTConfig(Section):
         "restarting per sample (transformers' DataCollatorWithFlattening), which transformers turns into a "
         "block-diagonal mask (sdpa/eager) or FlashAttention varlen, so samples never attend to each other; the model "
         "is loaded with stemqa's packed attention, which attends within each sample's span only instead of over the "
-        "masked row. Same samples, order and loss as unpacked; no padding tokens are computed.")
+        "masked row. Same samples, order and loss as unpacked; no padding tokens are computed. A packed micro-batch "
+        "costs its real tokens only, so a larger batch_size with less grad_accum (same effective batch) runs fewer, "
+        "larger matrix products: see benchmarks/BENCHMARKS.md, Training speed.")
     checkpoint_every: int = Field(50, ge=1, description="Report a checkpoint every N optimizer steps.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the data held out for the eval loss.")
     seed: int = Field(0, description="Seed for data order and initialisation.")
