@@ -5,8 +5,9 @@
     python benchmarks/bench_train.py --sft-speed  [--speed-steps 8]
     python benchmarks/bench_train.py --dpo-speed  [--speed-steps 8]
 
-With no flag, all four run (what `benchmarks/run.sh` does). Every experiment runs the library path (`stemqa.train.sft.run_sft` / `stemqa.train.dpo.run_dpo`: Ray Train
-TorchTrainer + DeepSpeed ZeRO) in a private local Ray instance, prints a JSON summary and rewrites its own
+With no flag, all four run (what `benchmarks/run.sh` does). Every experiment runs the library path
+(`stemqa.train.sft.run_sft` / `stemqa.train.dpo.run_dpo`: Ray Train TorchTrainer + DeepSpeed ZeRO) in a private
+local Ray instance, prints a JSON summary and rewrites its own
 `### ` block of the "Training" sections of BENCHMARKS.md (--no-write: print only).
 
 - sft-learn: full fine-tuning on ARC-Easy train in the harness format (prompt masked, answer ` <letter>` + eos).
@@ -303,8 +304,8 @@ def trl_sft(samples: list[dict], steps: int, padding_free: bool, max_len: int, m
     clock = _StepClock()
     with tempfile.TemporaryDirectory() as d:
         # padding-free without packing does not truncate, so TRL wants max_length=None: our encoder already cut
-        args = SFTConfig(**_trl_common(Path(d), steps, micro, 8 // micro, 2e-5), max_length=None if padding_free else max_len,
-                         completion_only_loss=True,
+        args = SFTConfig(**_trl_common(Path(d), steps, micro, 8 // micro, 2e-5),
+                         max_length=None if padding_free else max_len, completion_only_loss=True,
                          padding_free=padding_free, packing=False)
         trainer = SFTTrainer(model=load_causal_lm(path, dtype="float32").train(), args=args, train_dataset=ds,
                              processing_class=load_tokenizer(path), callbacks=[clock])
@@ -641,10 +642,10 @@ def main(argv=None) -> int:
                    help="sft-speed: our runs with these worker counts (2 = 2 x 1 thread, 1 = 1 x 2 threads)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
-    chosen = [(f, fn) for f, fn in (("sft_learn", sft_learn), ("dpo_learn", dpo_learn), ("sft_speed", sft_speed),
-                                    ("dpo_speed", dpo_speed)) if getattr(args, f)]
-    if not chosen:  # `benchmarks/run.sh` runs every bench_*.py without arguments: all four experiments
-        chosen = [("sft_learn", sft_learn), ("dpo_learn", dpo_learn), ("sft_speed", sft_speed), ("dpo_speed", dpo_speed)]
+    experiments = [("sft_learn", sft_learn), ("dpo_learn", dpo_learn), ("sft_speed", sft_speed),
+                   ("dpo_speed", dpo_speed)]
+    # no flag: all four (`benchmarks/run.sh` runs every bench_*.py without arguments)
+    chosen = [(f, fn) for f, fn in experiments if getattr(args, f)] or experiments
     for name, fn in chosen:
         out = fn(args)
         print(json.dumps({name: out}, default=str, indent=1))
