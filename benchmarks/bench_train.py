@@ -23,11 +23,14 @@ local Ray instance, prints a JSON summary and rewrites its own
   ARC, AI2, QASC, AQuA-RAT, MMLU; lengths spread widely). TRL reads the samples in our schedule's order, so every
   step trains on the same samples and the per-step losses can be compared. The TRL runs come first, with no Ray
   instance up (a TRL user runs none, and an idle one costs these 2 cores 15-20%), then the same packed steps as a
-  plain torch loop in this process (no Ray, no DeepSpeed): Ray's per-step cost is that row against ours.
+  plain torch loop in one process (no Ray, no DeepSpeed): Ray's per-step cost is that row against ours. Our
+  train workers run on tcmalloc (`resources.allocator`, the default): one of our runs repeats on glibc malloc
+  (`allocator=system`) to show what it is worth, and one TRL run has tcmalloc preloaded too, for the
+  same-allocator ratio.
 - dpo-speed: DPO tokens/s with precomputed reference log-probs (ours: 2 workers x 1 thread and 1 worker x 2
   threads) vs TRL `DPOTrainer` (reference model forward every step, its default, and with
-  precompute_ref_log_probs=True) on the same 4 pairs per step, so the per-step losses can be compared; TRL first,
-  with no Ray instance up.
+  precompute_ref_log_probs=True; each also with tcmalloc preloaded) on the same 4 pairs per step, so the per-step
+  losses can be compared; TRL first, with no Ray instance up.
 
 CPU is shared with other jobs: every figure comes with the 1-minute load average and with CPU seconds (process
 CPU time of the training steps, summed over workers), which other jobs distort less than wall time.
@@ -41,6 +44,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -320,7 +324,8 @@ def trl_sft(samples: list[dict], steps: int, padding_free: bool, max_len: int, m
 
 def bare_sft(samples: list[dict], steps: int, packing: bool) -> dict:
     """Our SFT steps (same collate, loss, weighting, clipping, fused AdamW and schedule; 4 x 2 accumulated)
-    in this process, with no Ray and no DeepSpeed: against our Ray Train run it gives Ray's per-step cost."""
+    in one process, with no Ray and no DeepSpeed, and the workers' allocator (run it through `in_fresh_process`):
+    against our Ray Train run it gives Ray's per-step cost."""
     import torch
 
     from stemqa.models import load_tokenizer, resolve_model
@@ -358,6 +363,24 @@ def bare_sft(samples: list[dict], steps: int, packing: bool) -> dict:
             "tokens_per_cpu_s": tokens / cpu, "losses": losses, "step_s": step_s, "load": [load0, load1()]}
 
 
+def tcmalloc_env() -> dict:
+    """The environment our train workers get (`resources.allocator`, default tcmalloc); {} where it is missing."""
+    from stemqa.config.schema import TrainResources
+    from stemqa.train.common import worker_runtime_env
+
+    return worker_runtime_env(TrainResources()).get("env_vars", {})
+
+
+def in_fresh_process(env_vars: dict, fn: str, **kwargs) -> dict:
+    """`fn(**kwargs)` of this module in a new Python process with `env_vars` (tcmalloc preloaded, as our train
+    workers run): the single-process rows with the workers' allocator. A preload only works at process start."""
+    work = scratch_dir("bench-call-")
+    (work / "call.json").write_text(json.dumps({"fn": fn, "kwargs": kwargs}))
+    subprocess.run([sys.executable, __file__, "--call", str(work / "call.json")], env={**os.environ, **env_vars},
+                   check=True)
+    return json.loads((work / "result.json").read_text())
+
+
 def zero_stage(workers: int) -> int:
     """ZeRO-2 across 2 workers; one worker has nothing to partition, and ZeRO-2's flat-partition copies cost it
     1.48x the step time of ZeRO-0 (measured, SmolLM2-135M, ARC, 8 steps: 49.9 vs 33.8 s)."""
@@ -365,7 +388,7 @@ def zero_stage(workers: int) -> int:
 
 
 def ours_sft(samples_path: Path, steps: int, packing: bool, work: Path, name: str, workers: int, data: str,
-             max_len: int, micro: int = 4) -> dict:
+             max_len: int, micro: int = 4, allocator: str = "tcmalloc") -> dict:
     """8 samples per optimizer step: 2 workers x 4 (1 thread each), or 1 worker x `micro` x 8 / `micro` accumulated
     (2 threads)."""
     from stemqa.config import load_config
@@ -376,7 +399,8 @@ def ours_sft(samples_path: Path, steps: int, packing: bool, work: Path, name: st
                                f"sft.data={data}", f"sft.max_seq_len={max_len}", f"sft.packing={str(packing).lower()}",
                                "sft.checkpoint_every=1000", f"sft.resources.num_workers={workers}",
                                f"sft.resources.cpus_per_worker={1.8 / workers:g}",
-                               f"sft.resources.zero_stage={zero_stage(workers)}", "sft.resources.max_failures=0"])
+                               f"sft.resources.zero_stage={zero_stage(workers)}", "sft.resources.max_failures=0",
+                               f"sft.resources.allocator={allocator}"])
     load0 = load1()
     m = run_sft(cfg, samples_path, work / name, run_name=name)["metrics"]
     return _ours_summary(m, load0)
@@ -388,7 +412,15 @@ def _ours_summary(m: dict, load0: float) -> dict:
     return {"tokens": m["tokens"], "train_s": m["train_s"], "train_cpu_s": m["train_cpu_s"],
             "tokens_per_s": m["tokens_per_s"], "tokens_per_cpu_s": m["tokens"] / m["train_cpu_s"],
             "losses": m["losses"], "step_s": m.get("step_s", []), "ray_startup_teardown_s": startup,
-            "worker_setup_s": m["worker_setup_s"], "worker_after_steps_s": other, "fit_s": m["fit_s"], "steps": m["steps"], "load": [load0, load1()]}
+            "worker_setup_s": m["worker_setup_s"], "worker_after_steps_s": other, "fit_s": m["fit_s"],
+            "steps": m["steps"], "allocator": m.get("allocator", "?"), "load": [load0, load1()]}
+
+
+def allocator_note(res: dict, ours: list[str]) -> str:
+    """Which malloc each side ran with: ours as the workers reported it, the TRL rows glibc's unless marked."""
+    used = sorted({res[k]["allocator"] for k in ours})
+    return (f" Allocator: our train workers ran on {' / '.join(used)} (`resources.allocator`, default tcmalloc); "
+            "the TRL rows on glibc malloc, as `python train.py` runs, unless marked tcmalloc.")
 
 
 MIXED_SOURCES = [("mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", "arc_easy"),
@@ -441,11 +473,15 @@ def sft_speed(args) -> dict:
     seed = load_config("demo").sft.seed
     ordered = [samples[i] for k in range(steps) for i in Schedule(len(samples), 4, 1, 2, seed).step_samples(k)]
     ray_down()  # the single-process baselines first, on a machine without Ray
-    res = {"samples": len(samples),
+    tc = tcmalloc_env()
+    res = {"samples": len(samples), "workers_env": tc,
            "trl_unpacked": trl_sft(ordered, steps, padding_free=False, max_len=max_len),
            "trl_padding_free": trl_sft(ordered, steps, padding_free=True, max_len=max_len),
            "trl_unpacked_8": trl_sft(ordered, steps, padding_free=False, max_len=max_len, micro=8),
-           "bare_packed": bare_sft(ordered, steps, packing=True)}
+           "bare_packed": in_fresh_process(tc, "bare_sft", samples=ordered, steps=steps, packing=True)}
+    if tc:  # TRL with the allocator our workers use: the same-allocator ratio
+        res["trl_unpacked_tcmalloc"] = in_fresh_process(tc, "trl_sft", samples=ordered, steps=steps,
+                                                        padding_free=False, max_len=max_len)
     res["ray_init_s"] = ray_up()
     labels = {2: "Ray Train 2 workers x 1 thread x batch 4", 1: "Ray Train 1 worker x 2 threads x batch 4 x 2 accumulated"}
     rows = []
@@ -461,6 +497,10 @@ def sft_speed(args) -> dict:
         res["ours_1w_packed_8"] = ours_sft(path, steps, True, work, "ours_1w_packed_8", 1, data, max_len, micro=8)
         rows.append(("ours_1w_packed_8", "ours, packed, Ray Train 1 worker x 2 threads x batch 8 (one row per step), "
                                          "ZeRO-0"))
+        # the same run on glibc malloc (resources.allocator=system): what the workers' tcmalloc is worth
+        res["ours_1w_packed_8_system"] = ours_sft(path, steps, True, work, "ours_1w_packed_8_system", 1, data,
+                                                  max_len, micro=8, allocator="system")
+        rows.append(("ours_1w_packed_8_system", "the same, resources.allocator=system (glibc malloc)"))
     samples = ordered
     ours = [k for k, _ in rows]
     res["max_loss_diff_vs_trl"] = max(abs(a - b) for k in ours
@@ -475,9 +515,12 @@ def sft_speed(args) -> dict:
                              + ",".join(map(str, args.sft_workers)), rows + [
             ("trl_unpacked", "TRL SFTTrainer, 1 process x 2 threads x batch 4 x 2 accumulated, padded batches"),
             ("trl_padding_free", "TRL SFTTrainer, padding_free=True"),
-            ("trl_unpacked_8", "TRL SFTTrainer, padded batches of 8 (one per step)"),
+            ("trl_unpacked_8", "TRL SFTTrainer, padded batches of 8 (one per step)")]
+            + ([("trl_unpacked_tcmalloc", "TRL SFTTrainer, padded batches of 4 x 2, tcmalloc preloaded (our "
+                                          "workers' allocator)")] if tc else []) + [
             ("bare_packed", "our packed steps without Ray Train or DeepSpeed (plain torch loop in one process, "
-                            "no Ray running): Ray's per-step cost on 2 CPUs")],
+                            f"no Ray running, {'tcmalloc' if tc else 'glibc malloc'}): Ray's per-step cost on "
+                            "2 CPUs")],
             step_tokens=[sum(lens[k * 8:(k + 1) * 8]) for k in range(steps)])
         table += (f"\n\nData: {len(samples)} {what}, {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f}, "
                   f"cut at {max_len}). Padding is {res['padding_share']:.0%} of the tokens of TRL's padded micro-batches, "
@@ -485,7 +528,7 @@ def sft_speed(args) -> dict:
                   f"{1 / (1 - res['padding_share']):.2f}x on this data. Same 8 samples per step in the same "
                   f"order: largest per-step loss difference ours vs TRL {res['max_loss_diff_vs_trl']:.2e} ("
                   f"{ours[0]} {', '.join(f'{x:.4f}' for x in res[ours[0]]['losses'])}; TRL "
-                  f"{', '.join(f'{x:.4f}' for x in res['trl_unpacked']['losses'])}).")
+                  f"{', '.join(f'{x:.4f}' for x in res['trl_unpacked']['losses'])})." + allocator_note(res, [k for k in ours if not k.endswith("_system")]))
         write_block(SPEED_SECTION, SPEED_INTRO, title, table)
     return res
 
@@ -501,7 +544,7 @@ def trl_dpo(pairs_dir: Path, order: list[str], steps: int, precompute: bool, max
 
     torch.set_num_threads(2)
     path = str(resolve_model(MODEL))
-    by_id = {p.id: p for p in read_pairs(pairs_dir / "train.jsonl")}
+    by_id = {p.id: p for p in read_pairs(Path(pairs_dir) / "train.jsonl")}
     rows = [{"prompt": by_id[i].prompt, "chosen": by_id[i].chosen, "rejected": by_id[i].rejected} for i in order]
     clock = _StepClock()
     with tempfile.TemporaryDirectory() as d:
@@ -552,6 +595,10 @@ def dpo_speed(args) -> dict:
     ray_down()  # the single-process baselines first, on a machine without Ray (see ray_down)
     res = {"trl_ref_model": trl_dpo(work / "pairs", order, steps, precompute=False, max_len=512),
            "trl_precomputed": trl_dpo(work / "pairs", order, steps, precompute=True, max_len=512)}
+    tc = tcmalloc_env()
+    for key, pre in (("trl_ref_model_tcmalloc", False), ("trl_precomputed_tcmalloc", True)) if tc else ():
+        res[key] = in_fresh_process(tc, "trl_dpo", pairs_dir=str(work / "pairs"), order=order, steps=steps,
+                                    precompute=pre, max_len=512)
     res["ray_init_s"] = ray_up()
     for workers in (2, 1):  # the second run reuses the reference log-probs the first one stored beside the pairs
         load0 = load1()
@@ -567,13 +614,18 @@ def dpo_speed(args) -> dict:
             ("ours_1w", "ours, reference log-probs precomputed, Ray Train 1 worker x 2 threads x 2 pairs x 2 "
                         "accumulated, ZeRO-0"),
             ("trl_ref_model", "TRL DPOTrainer, 1 process x 2 threads, reference model forward each step (default)"),
-            ("trl_precomputed", "TRL DPOTrainer, precompute_ref_log_probs=True")])
+            ("trl_precomputed", "TRL DPOTrainer, precompute_ref_log_probs=True")] + ([
+            ("trl_ref_model_tcmalloc", "TRL DPOTrainer, reference model forward each step, tcmalloc preloaded "
+                                       "(our workers' allocator)"),
+            ("trl_precomputed_tcmalloc", "TRL DPOTrainer, precompute_ref_log_probs=True, tcmalloc preloaded")]
+            if tc else []))
         table += (f"\n\nSame 4 pairs per step in the same order: largest per-step loss difference ours vs TRL "
                   f"{res['max_loss_diff_vs_trl']:.2e} (ours 2 workers {', '.join(f'{x:.4f}' for x in m['losses'])}; "
                   f"1 worker {', '.join(f'{x:.4f}' for x in res['ours_1w']['losses'])}; "
                   f"TRL {', '.join(f'{x:.4f}' for x in res['trl_ref_model']['losses'])}). Our reference log-prob job "
                   f"(Ray Data, all splits, once per dataset) took {m['ref_logps_s']:.1f} s, outside the steps; "
-                  f"the 1-worker run found them stored and took {res['ours_1w']['ref_logps_s']:.1f} s.")
+                  f"the 1-worker run found them stored and took {res['ours_1w']['ref_logps_s']:.1f} s."
+                  + allocator_note(res, ["ours_2w", "ours_1w"]))
         write_block(SPEED_SECTION, SPEED_INTRO, "DPO", table)
     return res
 
@@ -641,7 +693,13 @@ def main(argv=None) -> int:
     p.add_argument("--sft-workers", type=lambda v: [int(x) for x in v.split(",")], default=[2, 1],
                    help="sft-speed: our runs with these worker counts (2 = 2 x 1 thread, 1 = 1 x 2 threads)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    p.add_argument("--call", help=argparse.SUPPRESS)  # in_fresh_process: {"fn", "kwargs"} JSON file
     args = p.parse_args(argv)
+    if args.call:
+        spec = json.loads(Path(args.call).read_text())
+        result = globals()[spec["fn"]](**spec["kwargs"])
+        Path(args.call).with_name("result.json").write_text(json.dumps(result))
+        return 0
     experiments = [("sft_learn", sft_learn), ("dpo_learn", dpo_learn), ("sft_speed", sft_speed),
                    ("dpo_speed", dpo_speed)]
     # no flag: all four (`benchmarks/run.sh` runs every bench_*.py without arguments)

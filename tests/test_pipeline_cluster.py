@@ -29,6 +29,10 @@ def test_pipeline_submitted_as_a_ray_job(submit_job, tmp_path, shared_data):
     stages = manifest["stages"]
     assert list(stages) == ["data", "filter", "sft", "dpo", "quant", "rag", "eval", "serve"]
     assert all(s["status"] == "done" for s in stages.values())
+    from stemqa.train.common import tcmalloc_soname  # the train workers' allocator, as the job's nodes have it
+
+    allocator = "tcmalloc" if tcmalloc_soname() else "system"
+    assert [stages[s]["metrics"]["allocator"] for s in ("sft", "dpo")] == [allocator, allocator]
     for stage, key in [("filter", "kept"), ("sft", "model"), ("dpo", "model"), ("quant", "model"), ("rag", "index")]:
         assert (run_dir / stages[stage]["artifacts"][key]).exists(), (stage, key)
     from transformers import AutoConfig

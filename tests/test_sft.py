@@ -1,5 +1,8 @@
 """SFT: prompt masking against HF's own labels loss, and a real Ray Train + DeepSpeed run on tiny-qwen3 that logs
 each step to MLflow and TensorBoard as it trains."""
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,6 +16,9 @@ from stemqa.models.loader import load_causal_lm, load_tokenizer
 from stemqa.runs import Run
 from stemqa.tracking import TrackingConfig, log_stage, open_stage
 from stemqa.data.qa import QA, QAFormatError, load_qa_file, write_qa
+from stemqa.config.schema import TrainResources
+from stemqa.train import common
+from stemqa.train.common import tcmalloc_soname
 from stemqa.train.sft import (collate, completion_loss, encode_mcq, encode_qa, pack, packed_token_logps,
                               prepare_samples, run_sft)
 
@@ -198,6 +204,25 @@ def test_resume_takes_the_newest_checkpoint_every_rank_finished_uploading(tmp_pa
     assert common._newer_complete(ckpt(4, world=1, uploaded=(0,), tag="b")) is None  # a tie: Ray's
 
 
+def test_train_workers_env_preloads_tcmalloc_or_warns_and_uses_the_system_allocator(monkeypatch, caplog):
+    assert common.worker_runtime_env(TrainResources(allocator="system")) == {}
+    monkeypatch.setattr(common, "tcmalloc_soname", lambda: None)  # a node without libtcmalloc-minimal4
+    with caplog.at_level("WARNING"):
+        assert common.worker_runtime_env(TrainResources()) == {}
+    assert "libtcmalloc-minimal4" in caplog.text and "system allocator" in caplog.text
+
+
+def test_a_process_started_with_the_workers_env_runs_on_tcmalloc(monkeypatch):
+    if tcmalloc_soname() is None:
+        pytest.skip("libtcmalloc-minimal4 not installed (./run.sh setup installs it as root)")
+    monkeypatch.setenv("LD_PRELOAD", "")
+    env_vars = common.worker_runtime_env(TrainResources())["env_vars"]
+    probe = [sys.executable, "-c", "from stemqa.train.common import allocator_in_use; print(allocator_in_use())"]
+    with_env = subprocess.run(probe, env={**os.environ, **env_vars}, capture_output=True, text=True)
+    without = subprocess.run(probe, capture_output=True, text=True)
+    assert (with_env.stdout.strip(), without.stdout.strip()) == ("tcmalloc", "system"), with_env.stderr
+
+
 @pytest.mark.slow  # Ray Train start-up alone is ~45 s on 2 CPUs; 80-180 s in all here
 def test_sft_run_saves_loadable_model_and_loss_falls(ray_local, shared_data, tiny_model, tmp_path):
     records, _ = load_file(shared_data / "mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", source="arc",
@@ -228,6 +253,8 @@ def test_sft_run_saves_loadable_model_and_loss_falls(ray_local, shared_data, tin
     assert m["eval_loss"] < m["eval_loss_before"] - 0.1, m
     assert m["train_loss_last"] < m["train_loss_first"], m
     assert m["tokens"] > 0 and m["tokens_per_s"] > 0
+    # the worker process ran with tcmalloc mapped when this machine has it (resources.allocator's default)
+    assert m["allocator"] == ("tcmalloc" if tcmalloc_soname() else "system")
     model = load_causal_lm(result["model_dir"], device="cpu")  # a plain HF dir, ZeRO-3 shards gathered
     base = load_causal_lm(tiny_model, device="cpu")
     key = "model.layers.0.self_attn.q_proj.weight"

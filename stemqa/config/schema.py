@@ -107,6 +107,12 @@ class TrainResources(Section):
     max_failures: int = Field(
         1, ge=0, description="Worker failures Ray Train recovers from (resuming from the last recorded checkpoint)."
     )
+    allocator: Literal["tcmalloc", "system"] = Field(
+        "tcmalloc", description="Memory allocator of the train workers. 'tcmalloc': gperftools' tcmalloc preloaded "
+        "into each worker (Debian/Ubuntu libtcmalloc-minimal4; `./run.sh setup` installs it when run as root); "
+        "CPU SFT steps ran 8-19% faster than with glibc malloc (benchmarks/BENCHMARKS.md). Where it is not installed "
+        "the workers run with the system allocator and a warning says so. 'system': glibc malloc.",
+    )
 
 
 class SFTConfig(Section):

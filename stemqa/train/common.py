@@ -34,6 +34,46 @@ def scaling_config(res: TrainResources):
                          resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})})
 
 
+TCMALLOC = "tcmalloc_minimal"  # gperftools' tcmalloc without the heap profiler (libtcmalloc-minimal4)
+
+
+@lru_cache(maxsize=1)
+def tcmalloc_soname() -> Optional[str]:
+    """The soname of tcmalloc on this node (ldconfig's cache), or None. A soname, not a path: the dynamic loader
+    looks it up on each node, so a worker node that lacks it starts with glibc malloc instead of failing."""
+    import ctypes.util
+
+    return ctypes.util.find_library(TCMALLOC)
+
+
+def worker_runtime_env(res: TrainResources) -> dict:
+    """The train workers' runtime env: tcmalloc preloaded unless `res.allocator` is 'system'.
+
+    Why: PyTorch's CPU tensors come from malloc, and glibc's malloc hands large blocks back to the kernel and
+    maps fresh zeroed pages for the next step's activations and gradients (~110k page faults a step here);
+    tcmalloc keeps them. Our CPU steps ran 15-19% faster with it (SmolLM2-135M, 2 threads). It can only be
+    preloaded when a process starts, hence the worker processes' environment, not a call in the worker."""
+    if res.allocator == "system":
+        return {}
+    lib = tcmalloc_soname()
+    if lib is None:
+        logging.getLogger(__name__).warning(
+            "sft/dpo resources.allocator=tcmalloc but lib%s is not installed (Debian/Ubuntu: apt-get install "
+            "libtcmalloc-minimal4); the train workers use the system allocator", TCMALLOC)
+        return {}
+    preload = " ".join(x for x in (lib, os.environ.get("LD_PRELOAD", "")) if x)
+    # tcmalloc prints a line for every allocation over 1 GiB by default (a 0.6B model's logits in an eval)
+    return {"env_vars": {"LD_PRELOAD": preload, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}}
+
+
+def allocator_in_use() -> str:
+    """'tcmalloc' when this process runs with tcmalloc mapped, else 'system' (reported with the run's metrics)."""
+    try:
+        return "tcmalloc" if "libtcmalloc" in Path("/proc/self/maps").read_text() else "system"
+    except OSError:  # no procfs (macOS)
+        return "system"
+
+
 def run_config(out_dir: Path, name: str, res: TrainResources, keep: int = 1, quiet: bool = True,
                callbacks: Optional[list] = None):
     """`callbacks`: Ray Train UserCallbacks, e.g. Tune's TuneReportCallback when the run is a sweep trial."""
@@ -41,6 +81,7 @@ def run_config(out_dir: Path, name: str, res: TrainResources, keep: int = 1, qui
 
     return ray.train.RunConfig(
         storage_path=str(Path(out_dir).resolve() / "ray"), name=name, callbacks=list(callbacks or []),
+        worker_runtime_env=worker_runtime_env(res),
         failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
         **({"logging_config": ray.train.LoggingConfig(log_level="WARNING")} if quiet else {}),

@@ -241,6 +241,7 @@ def train_loop(config: dict) -> None:
         # the step of the checkpoint this attempt resumed from (a worker restart or a re-submitted run); None: fresh
         "resumed_from_step": resumed_from,
         "train_cpu_s": common.all_reduce_sum([cpu_s])[0],  # all ranks, this attempt only
+        "allocator": common.allocator_in_use(),  # rank 0's malloc: resources.allocator may have fallen back
         "losses": state["losses"],  # train loss per optimizer step, for stemqa.tracking and the report
         "step_s": state.get("step_s", []),  # wall seconds of each optimizer step (benchmarks: steady state)
         "tracked_live": bool(config.get("tracking")),  # the steps are in the trackers already
