@@ -26,30 +26,36 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from serve.deployments import Retriever, Scorer, quiet_logging, retriever_options, scorer_options, threads_for
 from serve.schemas import (ApiError, ChatRequest, CompletionRequest, MCQARequest, check_mcqa, check_messages,
-                           check_prompts, validation_error_body)
+                           check_prompts, check_stop, parse_body, read_limited, validation_error)
 from stemqa.config import StemqaConfig
 from stemqa.data.mcq import LETTERS
 
 STATIC = Path(__file__).resolve().parent / "static"
+
+# A replica that died (killed, its node lost) or that Serve cannot reach: the call did not happen, or its
+# result is lost; every call the ingress makes is idempotent, so it is sent again and Serve routes it to a live
+# replica (or waits for the replacement it is starting).
+REPLICA_GONE = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
 
 api = FastAPI(title="stemqa", description="STEM multiple-choice study assistant", docs_url=None, redoc_url=None)
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
-    status, body = validation_error_body(list(exc.errors()))
-    return JSONResponse(body, status_code=status)
+    err = validation_error(list(exc.errors()))
+    return JSONResponse(err.body(), status_code=err.status)
 
 
 @api.exception_handler(ApiError)
@@ -62,7 +68,7 @@ def _as_api_error(exc: BaseException) -> Optional[ApiError]:
     """An ApiError raised in a replica reaches the ingress wrapped in a RayTaskError; unwrap it."""
     for e in (exc, getattr(exc, "cause", None)):
         if isinstance(e, ApiError):
-            return ApiError(e.status, e.field, e.message)
+            return ApiError(e.status, e.field, e.message, e.details)
     return None
 
 
@@ -91,6 +97,7 @@ async def sse_chunks(head: dict, pieces) -> AsyncIterator[str]:
 class Ingress:
     def __init__(self, scorer: DeploymentHandle, retriever: Optional[DeploymentHandle], settings: dict):
         self.scorer, self.retriever, self.settings = scorer, retriever, settings
+        self.retries = 0  # calls sent again after a replica failure (stats)
 
     # --- helpers ------------------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -102,17 +109,34 @@ class Ingress:
         if not key or not hmac.compare_digest(hashlib.sha256(key.encode()).hexdigest(), expected):
             raise ApiError(401, "authorization", "a valid API key is required (Authorization: Bearer <key>)")
 
-    async def _call(self, response):
-        try:
-            return await response
-        except Exception as e:  # an ApiError from a replica keeps its status; anything else is a 5xx
-            err = _as_api_error(e)
-            if err is not None:
-                raise err from None
-            if isinstance(e, (RayActorError, ActorUnavailableError)):
-                # a replica died under this request (Serve is replacing it): a clean, retryable 503
-                raise ApiError(503, "model", "the model replica restarted during this request; retry") from None
-            raise
+    async def _body(self, request: Request, model):
+        """Key first (nothing about the body reaches a client without one), then size, then JSON and types.
+        The routes take the raw Request: FastAPI would parse and validate a typed body before the route runs."""
+        self._authorize(request)
+        raw = await read_limited(request, self.settings["max_request_bytes"])
+        return parse_body(model, raw)
+
+    async def _call(self, send: Callable[[], Awaitable]):
+        """Await `send()` (a call to a replica); when the replica died or is unavailable, send it again, up to
+        serve.retry_attempts tries within serve.retry_deadline_s, then a clean 503."""
+        deadline = time.monotonic() + self.settings["retry_deadline_s"]
+        attempts = self.settings["retry_attempts"]
+        for attempt in range(1, attempts + 1):
+            try:
+                return await send()
+            except Exception as e:  # an ApiError from a replica keeps its status; anything else is a 5xx
+                err = _as_api_error(e)
+                if err is not None:
+                    raise err from None
+                if not isinstance(e, REPLICA_GONE):
+                    raise
+                left = deadline - time.monotonic()
+                if attempt == attempts or left <= 0:
+                    raise ApiError(503, "model", f"no model replica answered after {attempt} tries ({type(e).__name__}); "
+                                   "retry") from None
+                self.retries += 1
+                # Serve drops a dead replica from its routing within a second or two: back off past that
+                await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), left))
 
     # --- routes -------------------------------------------------------------------------------------------
     @api.get("/", include_in_schema=False)
@@ -126,7 +150,7 @@ class Ingress:
         except Exception as e:  # timeout, dead or restarting replica: unhealthy, not a 500
             return JSONResponse({"status": "unavailable", "error": type(e).__name__}, status_code=503)
         return {"status": "ok", "model": self.settings["model_id"], "rag": self.retriever is not None,
-                "max_length": info["max_length"]}
+                "max_length": info["max_length"], "retries": self.retries}
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -135,18 +159,19 @@ class Ingress:
                                             "owned_by": "stemqa", "created": self.settings["created"]}]}
 
     @api.post("/v1/mcqa")
-    async def mcqa(self, body: MCQARequest, request: Request):
+    async def mcqa(self, request: Request):
         start = time.perf_counter()
-        self._authorize(request)
+        body = await self._body(request, MCQARequest)
         check_mcqa(body, self.settings["max_choices"], self.settings["max_text_chars"])
         passages: list[dict] = []
         if body.use_rag and self.retriever is None and "use_rag" in body.model_fields_set:
             raise ApiError(400, "use_rag", "this server has no RAG index; send use_rag=false")
         if body.use_rag and self.retriever is not None:
             # the question alone is the query, as `stemqa eval` retrieves, so served and evaluated prompts agree
-            passages = await self._call(self.retriever.search.remote(body.question,
-                                                                     body.top_k or self.settings["top_k"]))
-        result = await self._call(self.scorer.mcqa.remote(body.question, body.choices, body.subject, passages))
+            k = body.top_k or self.settings["top_k"]
+            passages = await self._call(lambda: self.retriever.search.remote(body.question, k))
+        result = await self._call(lambda: self.scorer.mcqa.remote(body.question, body.choices, body.subject,
+                                                                  passages))
         used = result["passages"]
         return {
             "answer": result["answer"],
@@ -156,44 +181,47 @@ class Ingress:
             "latency_ms": round((time.perf_counter() - start) * 1000, 2),
         }
 
-
     # --- OpenAI-compatible ------------------------------------------------------------------------------
     def _max_tokens(self, value: Optional[int], default: int) -> int:
         cap = self.settings["max_new_tokens"]
         value = default if value is None else value
         if value > cap:
-            raise ApiError(422, "max_tokens", f"is {value}, more than this server's {cap}")
+            raise ApiError(422, "max_tokens", f"is {value}, more than this server's serve.max_new_tokens of {cap}")
         return value
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request):
-        self._authorize(request)
+    async def completions(self, request: Request):
+        body = await self._body(request, CompletionRequest)
         if body.stream:
             raise ApiError(422, "stream", "streaming is offered on /v1/chat/completions only")
-        prompts = check_prompts(body.prompt, self.settings["max_text_chars"] * 4)
+        prompts = check_prompts(body.prompt, self.settings["max_text_chars"] * 4, self.settings["max_prompts"])
+        check_stop(body.stop)
         max_tokens = self._max_tokens(body.max_tokens, 16)
-        result = await self._call(self.scorer.completions.remote(
-            prompts, max_tokens, body.temperature, body.top_p, body.stop, body.logprobs, body.echo, body.seed))
+        result = await self._call(lambda: self.scorer.completions.remote(
+            prompts, max_tokens, body.temperature, body.top_p, body.stop, body.logprobs, body.echo, body.seed,
+            body.n))
         usage = result["usage"]
         usage["total_tokens"] = usage["prompt_tokens"] + (usage["completion_tokens"] or 0)
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": self.settings["model_id"], "choices": result["choices"], "usage": usage}
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatRequest, request: Request):
-        self._authorize(request)
-        messages = check_messages(body.messages, self.settings["max_text_chars"] * 4)
+    async def chat_completions(self, request: Request):
+        body = await self._body(request, ChatRequest)
+        messages = check_messages(body.messages, self.settings["max_text_chars"] * 4, self.settings["max_messages"])
+        check_stop(body.stop)
         max_tokens = self._max_tokens(body.max_tokens, self.settings["max_new_tokens"])
-        ids, max_tokens = await self._call(self.scorer.chat_prompt.remote(messages, max_tokens))
+        ids, max_tokens = await self._call(lambda: self.scorer.chat_prompt.remote(messages, max_tokens))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": self.settings["model_id"]}
         if not body.stream:
-            out = await self._call(self.scorer.chat.remote(ids, max_tokens, body.temperature, body.top_p, body.stop,
-                                                           body.seed))
+            out = await self._call(lambda: self.scorer.chat.remote(ids, max_tokens, body.temperature, body.top_p,
+                                                                   body.stop, body.seed))
             usage = dict(out["usage"], total_tokens=sum(out["usage"].values()))
             return {**head, "object": "chat.completion", "usage": usage, "choices": [{
                 "index": 0, "message": {"role": "assistant", "content": out["text"]},
                 "finish_reason": out["finish_reason"]}]}
+        # streamed: once the first event is sent a failure can only be reported inside the stream
         pieces = self.scorer.options(stream=True).chat_stream.remote(ids, max_tokens, body.temperature, body.top_p,
                                                                      body.stop, body.seed)
         return StreamingResponse(sse_chunks(head, pieces), media_type="text/event-stream")
@@ -215,16 +243,22 @@ def build_app(cfg: StemqaConfig, model_dir: str, index_dir: Optional[str] = None
     scorer = Scorer.options(**scorer_options(cfg)).bind(
         model_dir, s.max_batch_size, s.batch_wait_timeout_s, threads_for(s.cpus_per_replica),
         cfg.rag.token_budget, cfg.eval.subject_header, cfg.model.dtype, cfg.model.trust_remote_code,
-        s.gen_batch_wait_timeout_s)
+        s.gen_batch_wait_timeout_s, s.max_request_tokens, s.echo_chunk_tokens)
     retriever = None
     if index_dir:
         retriever = Retriever.options(**retriever_options(cfg)).bind(
             index_dir, s.max_batch_size, s.batch_wait_timeout_s, threads_for(s.retriever_cpus))
     settings = {"model_id": model_id(model_dir), "created": int(time.time()), "max_choices": s.max_choices,
                 "max_text_chars": s.max_text_chars, "top_k": cfg.rag.top_k, "max_new_tokens": s.max_new_tokens,
-                "api_key_sha256": api_key_hash(s.api_key_env)}
-    ingress = Ingress.options(ray_actor_options={"num_cpus": s.ingress_cpus}, max_ongoing_requests=1000,
-                              logging_config=quiet_logging())
+                "api_key_sha256": api_key_hash(s.api_key_env), "max_request_bytes": s.max_request_bytes,
+                "max_prompts": s.max_prompts, "max_messages": s.max_messages, "retry_attempts": s.retry_attempts,
+                "retry_deadline_s": s.retry_deadline_s}
+    actor = {"num_cpus": s.ingress_cpus}
+    if s.ingress_resource:
+        actor["resources"] = {s.ingress_resource: 0.001}
+    ingress = Ingress.options(ray_actor_options=actor, max_ongoing_requests=1000, logging_config=quiet_logging(),
+                              health_check_period_s=s.health_check_period_s,
+                              health_check_timeout_s=s.health_check_timeout_s)
     return ingress.bind(scorer, retriever, settings)
 
 

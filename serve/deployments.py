@@ -14,7 +14,7 @@ from collections import Counter
 
 from ray import serve
 
-from serve.schemas import ApiError
+from serve.schemas import ApiError, check_token_budget, check_token_ids, prompt_field
 
 
 # Most padding a scoring forward pass may carry, as a share of its real tokens. Measured in-process (SmolLM2-135M,
@@ -40,20 +40,24 @@ def length_groups(lengths: list[int], max_waste: float = MAX_PAD_WASTE) -> list[
 
 
 async def _replica_stats(batch_sizes: Counter) -> dict:
+    import resource
+
     import torch
 
     # read in a worker thread: that is where the batches run (torch's thread setting is per process, and
     # this shows it holds there too)
     threads = await asyncio.to_thread(torch.get_num_threads)
     return {"pid": os.getpid(), "torch_threads": threads, "batch_sizes": dict(sorted(batch_sizes.items())),
-            "batches": sum(batch_sizes.values()), "items": sum(k * v for k, v in batch_sizes.items())}
+            "batches": sum(batch_sizes.values()), "items": sum(k * v for k, v in batch_sizes.items()),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 @serve.deployment(name="Scorer")
 class Scorer:
     def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float, threads: int,
                  passage_token_budget: int, header: bool = True, dtype: str = "auto",
-                 trust_remote_code: bool = False, gen_batch_wait_timeout_s: float = 0.2):
+                 trust_remote_code: bool = False, gen_batch_wait_timeout_s: float = 0.2,
+                 max_request_tokens: int = 16_384, echo_chunk_tokens: int = 512):
         import torch
 
         from stemqa.eval.scorer import MCQScorer
@@ -67,8 +71,12 @@ class Scorer:
         self.tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.model = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code)
         self.scorer = MCQScorer(self.model, self.tok, batch_size=max_batch_size)
-        self.generator = Generator(self.model, self.tok, self.scorer)
+        self.generator = Generator(self.model, self.tok, self.scorer, echo_chunk_tokens)
         self.header, self.passage_token_budget = header, passage_token_budget
+        self.max_request_tokens = max_request_tokens
+        # Echo scoring and seeded sampling run outside the batches, one request at a time per replica: each is
+        # bounded by the token budget, and two at once would only split the same CPUs and double the memory.
+        self._alone = asyncio.Semaphore(1)
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._generate_batch.set_max_batch_size(max_batch_size)
@@ -98,7 +106,8 @@ class Scorer:
         """Letter probabilities for one question; concurrent calls are scored in one batch.
 
         `passages` (retrieved, best first) are cut to rag.token_budget model tokens exactly as the
-        evaluator does (`passages_within_budget`); the ones used come back under "passages".
+        evaluator does (`passages_within_budget`); the ones used come back under "passages", the prompt scored
+        under "prompt".
         """
         from stemqa.data.mcq import MCQ
         from stemqa.data.prompt import harness_prompt
@@ -107,42 +116,42 @@ class Scorer:
         record = MCQ(id="request", subject=subject, question=question, choices=list(choices), answer=0, source="api")
         used = passages_within_budget([Passage(**p) for p in passages], self.tok, self.passage_token_budget)
         texts = [p.text for p in used]
+        prompt = harness_prompt(record, header=self.header, passages=texts)
         # Checked here, before batching, so one over-long request fails alone instead of its whole batch.
-        n_tokens = len(self.tok(harness_prompt(record, header=self.header, passages=texts))["input_ids"])
+        n_tokens = len(self.tok(prompt)["input_ids"])
         if n_tokens + 1 > self.scorer.max_length:
             raise ApiError(413, "question", f"the prompt is {n_tokens} tokens, over the model's context of "
                            f"{self.scorer.max_length}")
         pred = await self._score_batch((record, texts, n_tokens))
         return {"answer": pred.pred, "probabilities": pred.probabilities, "loglikelihoods": pred.loglikelihoods,
-                "passages": [p.to_dict() for p in used]}
+                "passages": [p.to_dict() for p in used], "prompt": prompt}
 
     # --- OpenAI-compatible generation -------------------------------------------------------------------
     def _check_prompt(self, field: str, ids: list[int], max_tokens: int) -> int:
         """The prompt fits the context; returns max_tokens capped to the room left after it."""
-        vocab = len(self.tok)
-        if not ids:
-            raise ApiError(422, field, "must not be empty")
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise ApiError(422, field, f"token ids must be integers in [0, {vocab})")
-        if len(ids) > self.scorer.max_length:
-            raise ApiError(413, field, f"is {len(ids)} tokens, over the model's context of {self.scorer.max_length}")
+        check_token_ids(field, ids, len(self.tok), self.scorer.max_length)
         return min(max_tokens, self.scorer.max_length - len(ids))
 
     async def completions(self, prompts: list, max_tokens: int, temperature: float, top_p: float, stop,
-                          logprobs, echo: bool, seed) -> dict:
+                          logprobs, echo: bool, seed, n: int = 1) -> dict:
+        from serve.generation import summarize_rows
+
         encoded = [self.generator.encode(p) for p in prompts]
-        caps = [self._check_prompt("prompt" if len(prompts) == 1 else f"prompt[{i}]", ids, max_tokens)
-                for i, ids in enumerate(encoded)]
+        caps = [self._check_prompt(prompt_field(i, len(prompts)), ids, max_tokens) for i, ids in enumerate(encoded)]
+        # before any compute: the budget bounds what one request can make this replica hold and do
+        check_token_budget("prompt", [len(ids) for ids in encoded], max_tokens, n, self.max_request_tokens)
         cap = min(caps)
         if echo or seed is not None:
-            # echo (lm-eval's scoring requests: one forward over the prompt) and seeded sampling (its own RNG
-            # stream) run one prompt at a time
-            choices = await asyncio.to_thread(self.generator.complete, encoded, cap, temperature, top_p, stop,
-                                              logprobs, echo, seed)
+            # echo (lm-eval's scoring requests: one forward over each prompt) and seeded sampling (its own
+            # generator) run one prompt at a time
+            async with self._alone:
+                choices = await asyncio.to_thread(self.generator.complete, encoded, cap, temperature, top_p, stop,
+                                                  logprobs, echo, seed)
         else:
             outs = await asyncio.gather(*[self._generate_batch((ids, cap, temperature, top_p, logprobs is not None))
                                           for ids in encoded])
-            choices = [self.generator.choice(i, ids, new, rows, None, cap, stop, logprobs, False)
+            choices = [self.generator.choice(i, ids, new, summarize_rows(rows, new, logprobs or 0)
+                                             if logprobs is not None else None, None, cap, stop, logprobs, False)
                        for i, (ids, (new, rows)) in enumerate(zip(encoded, outs))]
         completion = sum(len(self.tok(c["text"])["input_ids"]) for c in choices) if not echo else None
         return {"choices": choices, "usage": {"prompt_tokens": sum(map(len, encoded)),
@@ -157,12 +166,15 @@ class Scorer:
         except Exception as e:  # a template that rejects the roles/order it was given
             raise ApiError(422, "messages", f"the chat template rejected them: {e}") from None
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        return ids, self._check_prompt("messages", ids, max_tokens)
+        cap = self._check_prompt("messages", ids, max_tokens)
+        check_token_budget("messages", [len(ids)], max_tokens, 1, self.max_request_tokens)
+        return ids, cap
 
     async def chat(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, stop, seed) -> dict:
         if seed is not None:
-            choice = (await asyncio.to_thread(self.generator.complete, [ids], max_tokens, temperature, top_p, stop,
-                                              None, False, seed))[0]
+            async with self._alone:
+                choice = (await asyncio.to_thread(self.generator.complete, [ids], max_tokens, temperature, top_p,
+                                                  stop, None, False, seed))[0]
         else:
             new, _ = await self._generate_batch((ids, max_tokens, temperature, top_p, False))
             choice = self.generator.choice(0, ids, new, None, None, max_tokens, stop, None, False)

@@ -1,8 +1,10 @@
 """Request bodies of the HTTP API and the checks that turn bad input into a 4xx naming the field.
 
-Pydantic checks types and missing fields (FastAPI answers 422 with the field's path); the limits that come
-from the config (number of options, text length) are checked here by `check_mcqa`, since FastAPI request
-models are fixed when the module is imported while the limits are known only when the app is built.
+A request is taken apart in this order, each step answering a 4xx of its own: the API key (401, before the
+body is read: an unauthenticated client learns nothing about the schema), the body's size
+(`read_limited`: 413 naming serve.max_request_bytes), JSON and types (`parse_body`: pydantic, 400/422 naming
+the field), then the limits that come from the config (`check_mcqa`, `check_prompts`, `check_messages`;
+the token budget `check_token_budget` and token ids `check_token_ids` in the scorer, which has the tokenizer).
 Every error body has one shape: {"error": message, "field": "choices[2]"}.
 """
 from __future__ import annotations
@@ -15,15 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field
 class ApiError(Exception):
     """A client error: HTTP status, the offending field and what is wrong with it."""
 
-    def __init__(self, status: int, field: str, message: str):
+    def __init__(self, status: int, field: str, message: str, details: Optional[list] = None):
         super().__init__(f"{field}: {message}")
-        self.status, self.field, self.message = status, field, message
+        self.status, self.field, self.message, self.details = status, field, message, details
 
     def __reduce__(self):  # raised in a replica, it crosses processes by pickle
-        return (ApiError, (self.status, self.field, self.message))
+        return (ApiError, (self.status, self.field, self.message, self.details))
 
     def body(self) -> dict:
-        return {"error": f"{self.field}: {self.message}", "field": self.field}
+        out = {"error": f"{self.field}: {self.message}", "field": self.field}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+# torch.Generator.manual_seed takes this range; outside it a seed would fail in the replica
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
+MAX_STOPS = 16  # stop strings per request (OpenAI allows 4)
 
 
 class MCQARequest(BaseModel):
@@ -44,12 +54,13 @@ class CompletionRequest(BaseModel):
     model: Optional[str] = None
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: int = Field(16, ge=0)
+    n: int = Field(1, ge=1, le=1, description="Completions per prompt; this server makes one.")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: Optional[Union[str, list[str]]] = None
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     echo: bool = False
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
 
 
@@ -64,10 +75,11 @@ class ChatRequest(BaseModel):
     model: Optional[str] = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=1, description="Replies per request; this server makes one.")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
 
 
@@ -89,12 +101,15 @@ def check_mcqa(req: MCQARequest, max_choices: int, max_chars: int) -> None:
         _check_text(f"choices[{i}]", choice, max_chars)
 
 
-def validation_error_body(errors: list[dict]) -> tuple[int, dict]:
-    """FastAPI's RequestValidationError details -> (status, our error body) naming the first field."""
+MAX_DETAILS = 10  # validation errors listed in one answer (a list of 64 bad prompts makes hundreds)
+
+
+def validation_error(errors: list[dict]) -> ApiError:
+    """Pydantic's validation errors -> an ApiError naming the first field (400 for JSON that does not parse)."""
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
-        return 400, {"error": f"body: not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})", "field": "body"}
+        return ApiError(400, "body", f"not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})")
     field = ".".join(loc) or "body"
     if first.get("type") == "missing":
         msg = "is required"
@@ -102,15 +117,17 @@ def validation_error_body(errors: list[dict]) -> tuple[int, dict]:
         msg = "is not a known field"
     else:
         msg = first.get("msg", "is invalid")
-    return 422, {"error": f"{field}: {msg}", "field": field, "details": [
+    return ApiError(422, field, msg, [
         {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body", "message": e.get("msg")}
-        for e in errors]}
+        for e in errors[:MAX_DETAILS]])
 
 
-MAX_PROMPTS = 64  # prompts per /v1/completions request (lm-eval sends its batch_size of them)
+def check_stop(stop) -> None:
+    if isinstance(stop, list) and len(stop) > MAX_STOPS:
+        raise ApiError(422, "stop", f"has {len(stop)} strings, more than the {MAX_STOPS} allowed")
 
 
-def check_prompts(prompt, max_chars: int) -> list:
+def check_prompts(prompt, max_chars: int, max_prompts: int) -> list:
     """OpenAI's `prompt` (a string, strings, token ids, or lists of token ids) -> a list of prompts."""
     if isinstance(prompt, str):
         prompts = [prompt]
@@ -120,10 +137,11 @@ def check_prompts(prompt, max_chars: int) -> list:
         prompts = list(prompt)
     if not prompts:
         raise ApiError(422, "prompt", "must not be empty")
-    if len(prompts) > MAX_PROMPTS:
-        raise ApiError(422, "prompt", f"has {len(prompts)} prompts, more than the {MAX_PROMPTS} allowed")
+    if len(prompts) > max_prompts:
+        raise ApiError(422, "prompt", f"has {len(prompts)} prompts, more than this server's serve.max_prompts "
+                       f"of {max_prompts}")
     for i, p in enumerate(prompts):
-        field = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        field = prompt_field(i, len(prompts))
         if isinstance(p, str):
             _check_text(field, p, max_chars)
         elif not p:
@@ -131,14 +149,73 @@ def check_prompts(prompt, max_chars: int) -> list:
     return prompts
 
 
-def check_messages(messages: list, max_chars: int) -> list[dict]:
+def prompt_field(i: int, n: int) -> str:
+    return "prompt" if n == 1 else f"prompt[{i}]"
+
+
+def check_token_ids(field: str, ids: list, vocab: int, max_length: int) -> None:
+    """Token ids a model can read: integers in [0, vocab), no more than its context."""
+    if not ids:
+        raise ApiError(422, field, "must not be empty")
+    if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+        raise ApiError(422, field, f"token ids must be integers in [0, {vocab})")
+    if len(ids) > max_length:
+        raise ApiError(413, field, f"is {len(ids)} tokens, over the model's context of {max_length}")
+
+
+def check_token_budget(field: str, prompt_lengths: list[int], max_tokens: int, n: int, limit: int) -> int:
+    """The tokens one request may make the model read and write: every prompt's tokens plus max_tokens x n for
+    each prompt. Over `limit` (serve.max_request_tokens): 413 naming it. Returns the total."""
+    total = sum(prompt_lengths) + max_tokens * n * len(prompt_lengths)
+    if total > limit:
+        raise ApiError(413, field, f"this request needs {total} tokens ({sum(prompt_lengths)} prompt tokens in "
+                       f"{len(prompt_lengths)} prompt(s) + max_tokens {max_tokens} x n {n} each), over this "
+                       f"server's serve.max_request_tokens of {limit}")
+    return total
+
+
+def check_messages(messages: list, max_chars: int, max_messages: int) -> list[dict]:
+    if len(messages) > max_messages:
+        raise ApiError(422, "messages", f"has {len(messages)} messages, more than this server's "
+                       f"serve.max_messages of {max_messages}")
     out = []
     for i, m in enumerate(messages):
         if m.role not in ("system", "user", "assistant"):
-            raise ApiError(422, f"messages[{i}].role", f"must be system, user or assistant, got {m.role!r}")
+            raise ApiError(422, f"messages[{i}].role", f"must be system, user or assistant, got {m.role[:40]!r}")
         if len(m.content) > max_chars:
             raise ApiError(422, f"messages[{i}].content", f"is {len(m.content)} characters, more than {max_chars}")
         out.append({"role": m.role, "content": m.content})
     if out[-1]["role"] == "assistant":
         raise ApiError(422, "messages", "the last message must be from the user or system")
     return out
+
+
+async def read_limited(request, limit: int) -> bytes:
+    """The request body, refused with 413 once it passes `limit` bytes (serve.max_request_bytes): by its
+    Content-Length before reading, and while reading when it has none or lies."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ApiError(400, "body", f"Content-Length {declared[:40]!r} is not a number of bytes")
+        if int(declared) > limit:
+            raise ApiError(413, "body", f"is {int(declared)} bytes, over this server's serve.max_request_bytes "
+                           f"of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body", f"is over this server's serve.max_request_bytes of {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_body(model: type[BaseModel], raw: bytes) -> BaseModel:
+    """A request model from the raw body; bad JSON is 400, a wrong or missing field 422 naming it."""
+    from pydantic import ValidationError
+
+    if not raw.strip():
+        raise ApiError(400, "body", "is empty; send a JSON object")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise validation_error(list(e.errors(include_url=False, include_input=False))) from None

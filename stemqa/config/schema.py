@@ -281,6 +281,26 @@ class ServeConfig(Section):
     health_check_period_s: float = Field(5.0, gt=0, description="Seconds between Serve health checks of a replica.")
     health_check_timeout_s: float = Field(15.0, gt=0, description="A replica not answering a health check in this time is replaced.")
     max_new_tokens: int = Field(256, ge=1, description="Cap on max_tokens for /v1/completions and /v1/chat/completions.")
+    max_request_tokens: int = Field(
+        16_384, ge=1, description="Token budget of one /v1/completions or /v1/chat/completions request: the prompt "
+        "tokens of all its prompts plus max_tokens x n for each. Over it: 413 naming this limit. 64 prompts of 4,000 "
+        "token ids with echo + logprobs (256k tokens) took a scorer replica down; 16k is eight full 2k contexts.")
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body accepted (bytes); larger: 413 before it is parsed.")
+    max_prompts: int = Field(64, ge=1, description="Most prompts in one /v1/completions request (lm-eval sends its batch_size).")
+    max_messages: int = Field(64, ge=1, description="Most messages in one /v1/chat/completions request.")
+    echo_chunk_tokens: int = Field(
+        512, ge=1, description="Positions whose full-vocabulary log-probs are held at once when scoring an echo "
+        "request; only each position's chosen and top-n log-probs are kept.")
+    retry_attempts: int = Field(
+        4, ge=1, description="Tries of an idempotent call from the ingress to a scorer/retriever replica that died "
+        "or is unavailable (Serve routes each try to a live replica; a replacement is started meanwhile).")
+    retry_deadline_s: float = Field(
+        60.0, gt=0, description="A request retried after a replica failure gives up (503) after this many seconds.")
+    ingress_resource: Optional[str] = Field(
+        None, description="A custom Ray resource the ingress replica needs a sliver of, to keep it on the nodes that "
+        "have it (cluster/local.sh gives the head node 'head'): the proxy runs on the head, so the app answers while "
+        "worker nodes come and go. null = anywhere.")
     model_dir: Optional[str] = Field(None, description="Model to serve when no --model / run directory is given.")
     index_dir: Optional[str] = Field(None, description="RAG index to serve when no --index / run directory is given.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)

@@ -125,24 +125,14 @@ def fewshot_for_records(records: Sequence[MCQ], shots: Mapping[str, Sequence[MCQ
 
 def retrieve_passages(retriever, records: Sequence[MCQ], k: int, token_budget: Optional[int] = None,
                       tokenizer=None) -> list[list[str]]:
-    """Passage texts per question from `retriever.search(queries, k)`, cut to `token_budget` model tokens."""
+    """Passage texts per question from `retriever.search(queries, k)`, cut to `token_budget` model tokens by
+    `passages_within_budget`, the function the Serve app cuts with: served and evaluated prompts are equal."""
+    from stemqa.rag import passages_within_budget
+
     hits = retriever.search([q.question for q in records], k)
-    out = []
-    for found in hits:
-        texts, used = [], 0
-        for p in found:
-            text = p.text.strip()
-            if token_budget and tokenizer is not None:
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                room = token_budget - used
-                if room <= 0:
-                    break
-                if len(ids) > room:  # keep the head of the passage that still fits
-                    text = tokenizer.decode(ids[:room]).strip()
-                used += min(len(ids), room)
-            texts.append(text)
-        out.append(texts)
-    return out
+    if not (token_budget and tokenizer is not None):
+        return [[p.text.strip() for p in found] for found in hits]
+    return [[p.text.strip() for p in passages_within_budget(found, tokenizer, token_budget)] for found in hits]
 
 
 def evaluate_sets(model: str, cfg, data_root: Path, out_dir: Path, retriever=None, progress: bool = True,
