@@ -25,9 +25,11 @@ def available_presets() -> list[str]:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -52,7 +54,10 @@ def _resolve(source: str) -> tuple[dict, str]:
     data = _read_yaml(path)
     base = data.pop("base", None)
     if base is not None:
-        base_data, _ = _resolve(str(base))
+        try:
+            base_data, _ = _resolve(str(base))
+        except (ConfigError, RecursionError) as e:  # RecursionError: a file that extends itself
+            raise ConfigError(f"{path}: base {str(base)[:80]!r}: {str(e)[:300] or 'extends itself'}") from None
         data = _deep_merge(base_data, data)
     return data, str(path)
 
@@ -67,7 +72,10 @@ def _apply_override(data: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
 
 
 def _format(err: ValidationError, origin: str) -> str:

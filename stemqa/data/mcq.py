@@ -13,6 +13,7 @@ counted in the `LoadReport` (count and the first few reasons). Good rows are nev
 from __future__ import annotations
 
 import csv
+import io
 import json
 import string
 from dataclasses import asdict, dataclass, field
@@ -106,14 +107,20 @@ def _subject_from_stem(path: Path) -> str:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    # decoded line by line: one line that is not UTF-8 is that row's error, not the whole file's crash
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, ValueError(f"not UTF-8 ({e.reason} at byte {e.start})")
+                continue
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, e
+            except (json.JSONDecodeError, RecursionError) as e:
+                yield lineno, ValueError(str(e) if isinstance(e, json.JSONDecodeError) else "nested too deeply")
 
 
 def _choice_list(value, name: str) -> list:
@@ -124,16 +131,32 @@ def _choice_list(value, name: str) -> list:
     return value
 
 
+def _csv_rows(path: Path) -> Iterator[list[str]]:
+    """CSV rows; a file that is not UTF-8 or not CSV (a NUL byte, an endless field) fails naming its line."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise MCQFormatError(f"{path}:{line}: not UTF-8 ({e.reason})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise MCQFormatError(f"{path}:{reader.line_num}: not CSV ({e})") from None
+
+
 def _parse_mmlu_csv(path: Path, source: str, subject: str) -> Iterator[tuple[int, Callable[[], MCQ]]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        for lineno, row in enumerate(csv.reader(f), 1):
-            def make(row=row, lineno=lineno):
-                if len(row) < 4:
-                    raise ValueError(f"expected question,choices...,answer; got {len(row)} column(s)")
-                question, *choices, answer = row
-                return MCQ(f"{source}/{path.stem}/{lineno}", subject, question, choices,
-                           letter_to_index(answer, len(choices)), source)
-            yield lineno, make
+    for lineno, row in enumerate(_csv_rows(path), 1):
+        def make(row=row, lineno=lineno):
+            if len(row) < 4:
+                raise ValueError(f"expected question,choices...,answer; got {len(row)} column(s)")
+            question, *choices, answer = row
+            return MCQ(f"{source}/{path.stem}/{lineno}", subject, question, choices,
+                       letter_to_index(answer, len(choices)), source)
+        yield lineno, make
 
 
 def _need(obj, key: str, where: str = ""):

@@ -71,24 +71,34 @@ def is_stem(pair: Pair) -> bool:
 
 
 # ---------------------------------------------------------------- readers: (location, raw row) per row
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
 def _jsonl(path: Path) -> Iterator[tuple[str, object]]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
+    # bytes decoded line by line: a line that is not UTF-8 is that row's error, not a crash of the whole file
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        lineno = 0
+        while True:
+            try:
+                raw = f.readline()
+            except (OSError, EOFError) as e:  # a .gz file that is not gzip, or cut short
+                raise PreferenceFormatError(f"{path}:{lineno + 1}: cannot be read: {e}") from None
+            if not raw:
+                return
+            lineno += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{lineno}", ValueError(f"not UTF-8 ({e.reason} at byte {e.start})")
+                continue
             if line.strip():
                 try:
                     yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
+                except (json.JSONDecodeError, RecursionError) as e:
                     yield f"{path}:{lineno}", ValueError(f"not valid JSON: {e}")
 
 
 def _json_array(path: Path) -> Iterator[tuple[str, object]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise PreferenceFormatError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(data, list):
         raise PreferenceFormatError(f"{path}: expected a JSON array of pairs, got {type(data).__name__}")
