@@ -30,7 +30,7 @@ def deploy(cfg: StemqaConfig, model_dir: str, index_dir: Optional[str] = None) -
         import logging
 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(proxy_location=cfg.serve.proxy_location, http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(cfg, model_dir, index_dir), name=APP_NAME, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     return f"http://{host}:{cfg.serve.port}"

@@ -268,6 +268,10 @@ class ServeConfig(Section):
     enabled: bool = Field(True, description="Deploy the Serve app at the end of the pipeline.")
     host: str = Field("127.0.0.1", description="Bind address; 127.0.0.1 unless told otherwise.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
+    proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
+        "HeadOnly", description="Where Serve runs HTTP proxies. HeadOnly: one, on the head node. EveryNode: one per "
+        "node, for a load balancer in front; on one machine (cluster/local.sh) they share the port and the kernel "
+        "spreads connections over them, so a worker node that stops resets the connections it held.")
     api_key_env: str = Field("STEMQA_API_KEY", description="Env var holding the API key; when set, requests need it.")
     max_batch_size: int = Field(16, ge=1, description="@serve.batch max batch size: MCQA questions scored, and unseeded generation requests decoded, together (1 = no batching).")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: longest wait for a batch of MCQA questions (and retriever queries) to fill; a lone request waits this long.")
