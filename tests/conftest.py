@@ -20,11 +20,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def full_data(root: Path) -> bool:
+    """Whether `root` is the real data (../shared/data), not the packaged sample: counts of whole files differ."""
+    return Path(root).resolve() == SHARED_DATA.resolve() and (SHARED_DATA / "mcq").is_dir()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not (SHARED_DATA / "mcq").is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (set STEMQA_DATA_ROOT)")
-    return SHARED_DATA
+    """The real data (../shared/data, or $STEMQA_DATA_ROOT); where it is absent (a clone elsewhere), the
+    packaged sample of the same layout, so the tests run instead of skipping."""
+    if (SHARED_DATA / "mcq").is_dir():
+        return SHARED_DATA
+    from stemqa.data.paths import SAMPLE_DATA
+
+    return SAMPLE_DATA
 
 
 @pytest.fixture(scope="session")

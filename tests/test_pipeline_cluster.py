@@ -9,6 +9,8 @@ import httpx
 import pytest
 
 RAY = str(Path(sys.executable).parent / "ray")
+# the port the pipeline's Serve stage binds on the cluster (tests/configs/tiny.yaml says 8011)
+SERVE_PORT = int(os.environ.get("STEMQA_TEST_PIPELINE_SERVE_PORT", "8011"))
 
 
 def test_local_cluster_has_two_nodes(local_cluster):
@@ -23,6 +25,7 @@ def test_pipeline_submitted_as_a_ray_job(submit_job, tmp_path, shared_data):
     run_dir = tmp_path / "runs" / "tiny-job"
     logs = submit_job("jobs.pipeline", "--config", "tests/configs/tiny.yaml", "--run", str(run_dir),
                       "--set", f"data.root={shared_data}", "--set", f"cluster.storage_path={tmp_path / 'runs'}",
+                      "--set", f"serve.port={SERVE_PORT}",
                       timeout=1200)
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -61,7 +64,7 @@ def test_pipeline_submitted_as_a_ray_job(submit_job, tmp_path, shared_data):
     assert logged["sft"].data.metrics["train_loss_last"] == pytest.approx(stages["sft"]["metrics"]["train_loss_last"])
 
     # the app keeps serving after the job: a second question over real HTTP
-    r = httpx.post("http://127.0.0.1:8011/v1/mcqa", json={"question": "Which gas do plants take in?",
+    r = httpx.post(f"http://127.0.0.1:{SERVE_PORT}/v1/mcqa", json={"question": "Which gas do plants take in?",
                    "choices": ["oxygen", "carbon dioxide"], "use_rag": True, "top_k": 2}, timeout=60)
     assert r.status_code == 200 and r.json()["answer"] in "AB"
     assert all(p["source"] for p in r.json()["passages"])

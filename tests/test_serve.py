@@ -17,6 +17,8 @@ PORT = int(os.environ.get("STEMQA_TEST_SERVE_PORT", "8123"))
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
+FIGURES: dict = {}  # written to tests/artifacts/serve_app.json for benchmarks/bench_reliability.py
+
 QUESTIONS = [
     ("What is the SI unit of electric charge?", ["volt", "coulomb", "ampere", "ohm"]),
     ("Which particle has a negative charge?", ["proton", "neutron", "electron"]),
@@ -41,6 +43,10 @@ def served(ray_local, tiny_model, tmp_path_factory):
     index_dir = build_index(cfg.rag, SAMPLE_DATA, tmp_path_factory.mktemp("index") / "index")
     yield {"url": deploy_with_key(cfg, tiny_model, str(index_dir)), "cfg": cfg, "index_dir": str(index_dir)}
     serve.shutdown()
+    from conftest import ARTIFACTS
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "serve_app.json").write_text(json.dumps(FIGURES, indent=2))
 
 
 @pytest.fixture(scope="module")
@@ -344,6 +350,8 @@ def test_the_hostile_echo_request_is_refused_and_the_same_replica_answers_next(a
     assert r.json()["field"] == "body" and "serve.max_request_bytes" in r.json()["error"]
     _normal_request(app_url)
     assert _scorer_stats()["pid"] == before["pid"]
+    FIGURES["hostile_request"] = {"bytes": len(raw), "status": r.status_code, "error": r.json()["error"],
+                                  "same_replica_answered_next": True}
 
 
 def test_a_request_over_the_token_budget_is_413_naming_it(app_url):
@@ -360,6 +368,7 @@ def test_a_request_over_the_token_budget_is_413_naming_it(app_url):
     assert r.status_code == 413 and "max_tokens 256" in r.json()["error"], r.text
     _normal_request(app_url)
     assert _scorer_stats()["pid"] == before["pid"]
+    FIGURES["over_budget"] = {"status": 413, "error": err["error"]}
 
 
 def test_a_long_echo_request_is_scored_in_bounded_memory(app_url, tiny_model):
@@ -388,6 +397,8 @@ def test_a_long_echo_request_is_scored_in_bounded_memory(app_url, tiny_model):
     expected = rows[torch.arange(1999), torch.tensor(prompts[1][1:])]
     assert lp["token_logprobs"][1:2000] == pytest.approx(expected.tolist(), abs=1e-3)
     assert all(len(t) >= 5 for t in lp["top_logprobs"][1:])
+    FIGURES["long_echo"] = {"prompts": 4, "tokens_each": 2000, "vocab": 49152, "peak_rss_before_mb":
+                            before["peak_rss_mb"], "peak_rss_after_mb": after["peak_rss_mb"]}
     print(f"4 x 2,000-token echo request: replica peak RSS {before['peak_rss_mb']:.0f} -> "
           f"{after['peak_rss_mb']:.0f} MB")
 
@@ -596,6 +607,8 @@ def test_a_killed_replica_is_replaced_and_no_request_fails(app_url, tiny_model):
     assert all(o.ok for o in load.outcomes), sorted(set(map(str, statuses)))
     replicas = scorer_replicas()
     assert len(replicas) == 1 and replicas[0] != victims[0]
+    FIGURES["replica_kill"] = {"requests": len(statuses), "failed": sum(not o.ok for o in load.outcomes),
+                               "answering_again_s": round(recovered, 1)}
     print(f"replica replaced; answering again {recovered:.1f} s after the kill; {len(statuses)} requests, all 200")
 
 
