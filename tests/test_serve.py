@@ -502,6 +502,35 @@ def test_served_and_evaluated_rag_prompts_are_equal_strings(served, tiny_model):
     assert cut > 0  # the budget did cut passages, so the two cuts were compared, not two whole lists
 
 
+def test_random_bodies_over_http_never_get_a_5xx(app_url):
+    """hypothesis' bodies (random bytes, JSON of wrong shapes, huge values) sent to the live app: each answer is a
+    200 or a 4xx whose body names the field; the replica answers a normal request afterwards, same process."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from test_hostile_input import BODIES, _json_bytes
+
+    before = _scorer_stats()
+    sent = []
+
+    @settings(max_examples=int(os.environ.get("STEMQA_HYPOTHESIS_HTTP_EXAMPLES", "40")), deadline=None,
+              derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(path=st.sampled_from(["/v1/mcqa", "/v1/completions", "/v1/chat/completions"]),
+           raw=st.one_of(st.binary(max_size=200), BODIES.map(_json_bytes)))
+    def check(path, raw):
+        r = httpx.post(f"{app_url}{path}", content=raw, timeout=120,
+                       headers={**AUTH, "Content-Type": "application/json"})
+        sent.append(r.status_code)
+        assert r.status_code == 200 or 400 <= r.status_code < 500, (path, raw[:200], r.status_code, r.text[:300])
+        if r.status_code != 200:
+            assert r.json()["field"] and r.json()["error"].startswith(r.json()["field"])
+
+    check()
+    _normal_request(app_url)
+    assert _scorer_stats()["pid"] == before["pid"]
+    FIGURES["random_http_bodies"] = {"sent": len(sent), "statuses": {str(k): sent.count(k) for k in sorted(set(sent))}}
+
+
 # --- the web page, in a real headless Chromium ---------------------------------------------------------
 CHROMIUM = os.environ.get("STEMQA_CHROMIUM", "/usr/bin/chromium")
 
