@@ -6,7 +6,8 @@
 Runs, each in its own pytest process, the tests that prove it (each asserts what it reports):
 - tests/test_hostile_input.py: hypothesis throws random bytes, wrong types and huge values at every bad-input
   path (request bodies, token ids, messages, body sizes, the MCQ/preference/QA loaders, config loading);
-- tests/test_serve.py (hostile request, token budget, long echo, API key, seeded sampling, replica kill):
+- tests/test_serve.py (hostile request, token budget, long echo, API key, seeded sampling, random bodies over
+  HTTP, replica kill):
   the app on a private Ray instance with the tiny Qwen3;
 - tests/test_serve_cluster.py: the app on the real two-node cluster (cluster/local.sh), 200 concurrent mixed
   requests, then a scorer replica killed and the worker node stopped under load.
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -34,7 +36,7 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 OUT = ROOT / "benchmarks" / "out" / "reliability"
 SECTION = "## Reliability: load, faults, hostile input"
 SERVE_TESTS = ("hostile_echo or token_budget or long_echo or api_key_is_checked or seeded_request "
-               "or killed_replica")
+               "or random_bodies or killed_replica")
 RUNS = [
     ("hostile input", ["tests/test_hostile_input.py"], "hostile_input_counts.json"),
     ("single app", ["tests/test_serve.py", "-k", SERVE_TESTS], "serve_app.json"),
@@ -63,7 +65,7 @@ def run_pytest(name: str, args: list[str], artifact: str) -> dict:
     figures = json.loads((ARTIFACTS / artifact).read_text()) if (ARTIFACTS / artifact).exists() else {}
     if out.returncode != 0:
         print(out.stdout[-3000:], out.stderr[-2000:], sep="\n")
-    return {"command": " ".join(["python -m pytest", *args]), "rc": out.returncode, "wall_s": wall, "tests": tests,
+    return {"command": "python -m pytest " + shlex.join(args), "rc": out.returncode, "wall_s": wall, "tests": tests,
             "figures": figures}
 
 
@@ -106,9 +108,10 @@ def section(runs: dict, load_before: float, load_after: float, started: str) -> 
     if faults or kill:
         text = "**Faults survived.** "
         if kill:
-            text += (f"On one replica (private Ray instance), a scorer replica killed under 4 clients' load: "
+            text += (f"With one scorer replica (private Ray instance), that replica killed under 4 clients' load: "
                      f"{kill['requests']} requests, {kill['failed']} failed; answering again "
-                     f"{kill['answering_again_s']:.1f} s after the kill (requests waited, none failed). ")
+                     f"{kill['answering_again_s']:.1f} s after the kill"
+                     + (" (requests waited for the replacement instead of failing). " if not kill["failed"] else ". "))
         if faults:
             text += (f"On the two-node cluster, under 4 clients' load ({faults['requests']} requests in all): a "
                      f"scorer replica SIGKILLed: answering again {faults['replica_answering_again_s']:.1f} s after, "
@@ -117,7 +120,7 @@ def section(runs: dict, load_before: float, load_after: float, started: str) -> 
                      f"{faults['on_worker_when_stopped']['Retriever']} retriever replica(s): answering again "
                      f"{faults['node_answering_again_s']:.1f} s after, both scorer replicas running on the head "
                      f"{faults['node_replicas_back_s']:.0f} s after. {faults['failed']} requests failed; the "
-                     f"ingress sent {faults['ingress_retries']} calls again after their replica died.")
+                     f"ingress sent {faults['ingress_retries']} call(s) again after their replica died.")
         lines += [text, ""]
     hostile, budget, echo = (app["figures"].get(k) for k in ("hostile_request", "over_budget", "long_echo"))
     if hostile:
@@ -137,13 +140,19 @@ def section(runs: dict, load_before: float, load_after: float, started: str) -> 
                      + ", ".join(f"{k} {v}" for k, v in counts.items())
                      + ". Each got a clear error naming the field or the file and row, or was valid; none crashed "
                      "or hung.")
+        http = app["figures"].get("random_http_bodies")
+        if http:
+            lines[-1] += (f" Over HTTP to the live app, {http['sent']} generated bodies got "
+                          + ", ".join(f"{k}: {v}" for k, v in http["statuses"].items())
+                          + " (no 5xx), and the same replica process answered afterwards.")
         lines.append("")
     failed = [f"{n}: {t['name']}" for n, r in runs.items() for t in r["tests"] if t["result"] != "passed"]
     lost = (faults or {}).get("failed", 0) + (kill or {}).get("failed", 0)
     lines.append(f"**What was lost.** {lost} requests under faults; "
                  + (f"tests not passing: {', '.join(failed)}." if failed else "every test above passed."))
     lines.append("")
-    lines.append("Test durations (this run): " + "; ".join(
+    lines.append("Test durations (this run; junit times, so a module's first test carries its fixture: the "
+                 "deployment, and on the cluster the cluster's start, the index and deploy jobs): " + "; ".join(
         f"{t['name']} {t['time_s']:.0f} s" for r in runs.values() for t in r["tests"] if t["time_s"] >= 1) + ".")
     return "\n".join(lines)
 
