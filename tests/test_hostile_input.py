@@ -32,7 +32,11 @@ COUNTS: Counter = Counter()
 @pytest.fixture(scope="module", autouse=True)
 def report_counts():
     yield
+    import shutil
+
     from conftest import ARTIFACTS
+
+    shutil.rmtree(TMP, ignore_errors=True)
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "hostile_input_counts.json").write_text(json.dumps(dict(sorted(COUNTS.items())), indent=2))
@@ -191,9 +195,11 @@ FILE_BYTES = st.one_of(st.binary(max_size=400),
                        st.lists(ROWS, min_size=1, max_size=6).map(lambda rows: "\n".join(rows).encode()))
 
 
+TMP = Path(tempfile.mkdtemp(prefix="stemqa-hypothesis-"))  # one folder, each file rewritten; removed at the end
+
+
 def _write(data: bytes, name: str) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="hyp"))
-    path = d / name
+    path = TMP / name
     path.write_bytes(data)
     return path
 
