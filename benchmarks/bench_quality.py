@@ -1,0 +1,318 @@
+"""Quality: which lever lifts which answer mode of SmolLM2-135M-Instruct, on questions never trained on.
+
+    python benchmarks/bench_quality.py eval  --tag base                          # a model on dev, every mode
+    python benchmarks/bench_quality.py sft   --tag qa_arc --pool arc --data qa   # `stemqa sft`, then eval on dev
+    python benchmarks/bench_quality.py dpo   --tag dpo1 --start qa_arc --pairs mcq --beta 0.1 --lr 1e-6
+    python benchmarks/bench_quality.py table                                     # dev table of every run so far
+    python benchmarks/bench_quality.py report --candidates base,qa_arc,dpo1      # select on dev, report sets,
+                                                                                 # BENCHMARKS.md "Quality"
+
+Training runs go through the pipeline's own entry points (`stemqa sft` / `stemqa dpo`: Ray Train + DeepSpeed,
+the `study` preset plus --set overrides), so a recipe found here is what the pipeline runs. Evaluation is the one
+scorer (stemqa.eval) in every answer mode: each mode is fitted on the pooled dev sets (temperature, PriDe prior,
+"unsure" threshold: stemqa.eval.fit.fit_mode) and those dev predictions are the dev figures. Splits are
+stemqa.data.splits (fixed in code): dev = ARC-Easy dev, ARC-Challenge dev, a hashed share of the MMLU STEM even
+rows; report = ARC-Easy test, a hashed third of ARC-Challenge train held out from training, another hashed share
+of MMLU STEM. `report` picks the (model, mode) on dev (stemqa.eval.select), scores the report sets only for the
+base model's best mode and the selected ones, and writes the section from that run's numbers.
+
+Everything lands under benchmarks/out/quality (git-ignored): models/<tag>, evals/<tag>/<dev key>/<mode>/<set>,
+and runs.jsonl, one line per run (config, wall time, dev figures), so an interrupted series loses nothing.
+The CPU is shared with other jobs: wall times come with the 1-minute load average and are not speed figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+OUT = ROOT / "benchmarks" / "out" / "quality"
+BASE = "smollm2-135m-instruct"
+MODES = ["letter", "cloze", "cloze_question", "letter_debiased", "permute"]
+SECTION = "## Quality: answer modes and training levers"
+
+# Training pools (training-side questions only: `split: train` in the study preset). Names used by --pool.
+POOLS = {
+    "arc": ["arc_easy", "arc_challenge", "ai2_8th", "ai2_elem"],
+    "arc_qasc": ["arc_easy", "arc_challenge", "ai2_8th", "ai2_elem", "qasc"],
+    "all": ["arc_easy", "arc_challenge", "ai2_8th", "ai2_elem", "qasc", "mmlu"],
+    "mmlu": ["mmlu"],
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 1)
+
+
+def record(entry: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    entry = {"date": time.strftime("%Y-%m-%d %H:%M"), **entry}
+    with open(OUT / "runs.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def runs() -> list[dict]:
+    path = OUT / "runs.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def study_config(overrides=()):
+    from stemqa.config import load_config
+
+    return load_config("study", list(overrides))
+
+
+def data_root():
+    from stemqa.data.paths import data_root as resolve
+
+    return resolve("auto")
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+def held_out(part: str, limit: Optional[int] = None) -> dict:
+    """{set name: questions} of the dev or report sets; `limit`: a fixed hashed subset of each (screening)."""
+    from stemqa.data.splits import DEV_SETS, REPORT_SETS, load_held_out, share
+
+    names = DEV_SETS if part == "dev" else REPORT_SETS
+    out = {}
+    for name in names:
+        qs = load_held_out(name, data_root())
+        if limit:
+            qs = sorted(qs, key=lambda q: share("subset/" + q.id))[:limit]
+        out[name] = qs
+    return out
+
+
+def training_pool(pool: str, limit: Optional[int]) -> Path:
+    """The pool's training-side MCQ records (the study preset's sources), written once; a hashed subset of `limit`."""
+    from stemqa.data.mcq import load_sources, write_records
+    from stemqa.data.splits import share
+
+    cfg = study_config()
+    sources = [s for s in cfg.data.train if s.name in POOLS[pool]]
+    records, _ = load_sources(sources, data_root())
+    if limit:
+        records = sorted(records, key=lambda q: share("pool/" + q.id))[:limit]
+    path = OUT / "pools" / f"{pool}_{limit or 'all'}.jsonl"
+    write_records(records, path)
+    return path
+
+
+# --- evaluation -------------------------------------------------------------------------------------------------
+def dev_key(limit: Optional[int]) -> str:
+    return f"dev{limit}" if limit else "dev"
+
+
+def model_path(tag: str) -> str:
+    return BASE if tag == "base" else str(OUT / "models" / tag / "model")
+
+
+def eval_dev(tag: str, modes: list[str], limit: Optional[int] = None, threads: int = 2) -> dict:
+    """Fit and score every mode on the pooled dev sets; per set metrics + predictions; returns {mode: {set: acc}}."""
+    import torch
+
+    from stemqa.eval.fit import fit_mode
+    from stemqa.eval.run import load_scorer, write_results
+    from stemqa.eval.scorer import accuracy
+
+    torch.set_num_threads(threads)
+    sets = held_out("dev", limit)
+    pooled = [q for qs in sets.values() for q in qs]
+    scorer, figures = None, {}
+    for mode in modes:
+        d = OUT / "evals" / tag / dev_key(limit) / mode
+        if (d / "calibration.json").exists():
+            figures[mode] = json.loads((d / "calibration.json").read_text())["accuracy"]
+            continue
+        scorer = scorer or load_scorer(model_path(tag), batch_size=16)
+        t0 = time.perf_counter()
+        l0 = load()
+        params, cal, preds = fit_mode(scorer, mode, pooled, model=tag,
+                                      fitted_on=f"{dev_key(limit)}: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
+        params.save(d / "mode_params.json")
+        by_id = {p.id: p for p in preds}
+        accs = {}
+        for name, qs in sets.items():
+            ps = [by_id[q.id] for q in qs]
+            m = {**accuracy(ps), "model": tag, "data": name, "scoring": mode}
+            write_results(d / name, m, ps)
+            accs[name] = m["accuracy"]
+        accs["pooled"] = accuracy(preds)["accuracy"]
+        wall = time.perf_counter() - t0
+        (d / "calibration.json").write_text(json.dumps({"accuracy": accs, **cal.to_dict(), "wall_s": wall,
+                                                        "load": [l0, load()]}, indent=2))
+        log(f"{tag} {mode}: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()) +
+            f"; ECE {cal.ece_before:.3f} -> {cal.ece_after:.3f} (T={cal.temperature:.3f}); {wall:.0f} s")
+        figures[mode] = accs
+    return figures
+
+
+def eval_report(tag: str, mode: str, limit: Optional[int] = None, dev_limit: Optional[int] = None,
+                threads: int = 2) -> dict:
+    """Score the report sets in `mode` with the parameters fitted on dev; returns {set: accuracy}."""
+    import torch
+
+    from stemqa.eval.modes import ModeParams
+    from stemqa.eval.run import evaluate, load_scorer
+
+    torch.set_num_threads(threads)
+    params = ModeParams.load(OUT / "evals" / tag / dev_key(dev_limit) / mode / "mode_params.json")
+    scorer, out = None, {}
+    for name, qs in held_out("report", limit).items():
+        d = OUT / "evals" / tag / f"report{limit or ''}" / mode / name
+        if (d / "metrics.json").exists():
+            out[name] = json.loads((d / "metrics.json").read_text())["accuracy"]
+            continue
+        scorer = scorer or load_scorer(model_path(tag), batch_size=16)
+        m = evaluate(model_path(tag), qs, d, scoring=params, scorer=scorer, data_desc=name, progress=False)
+        log(f"{tag} {mode} {name}: {m['accuracy']:.3f} (n={m['n']}, {m['time_s']:.0f} s)")
+        out[name] = m["accuracy"]
+    return out
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+def stemqa(args: list[str]) -> tuple[dict, float]:
+    """Run a `stemqa` CLI command; returns its final JSON output and wall seconds."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "stemqa"), *args], cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"stemqa {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    start = proc.stdout.rfind("\n{")
+    return json.loads(proc.stdout[start + 1 if start >= 0 else 0:]), wall
+
+
+def sets_flags(pairs: list[str]) -> list[str]:
+    return [x for kv in pairs for x in ("--set", kv)]
+
+
+def cmd_sft(a) -> None:
+    out = OUT / "models" / a.tag
+    overrides = [f"sft.data={a.data}", f"sft.lr={a.lr}", f"sft.epochs={a.epochs}", *a.set]
+    if a.steps:
+        overrides.append(f"sft.max_steps={a.steps}")
+    if not (out / "model" / "config.json").exists():
+        train = training_pool(a.pool, a.limit)
+        l0 = load()
+        log(f"sft {a.tag}: {train.name}, {' '.join(overrides)}")
+        res, wall = stemqa(["sft", "--config", "study", "--train", str(train), "--out", str(out),
+                            "--model", model_path(a.start), *sets_flags(overrides)])
+        m = res["metrics"]
+        record({"tag": a.tag, "kind": "sft", "start": a.start, "pool": a.pool, "limit": a.limit,
+                "overrides": overrides, "wall_s": round(wall), "load": [l0, load()],
+                "train_samples": m.get("train_samples"), "steps": m.get("steps"),
+                "eval_loss_before": m.get("eval_loss_before"), "eval_loss": m.get("eval_loss"),
+                "train_s": round(m.get("train_s", 0))})
+        log(f"sft {a.tag}: {m.get('steps')} steps, eval loss {m.get('eval_loss_before'):.3f} -> "
+            f"{m.get('eval_loss'):.3f}, {wall:.0f} s")
+    figures = eval_dev(a.tag, a.modes.split(","), a.dev_limit)
+    record({"tag": a.tag, "kind": "eval", "dev": dev_key(a.dev_limit), "figures": figures})
+
+
+PAIR_SOURCES = {
+    "mcq": lambda cfg: [s for s in cfg.data.preference if s.startswith("mcq:")],
+    "mcq_arc": lambda cfg: [s for s in cfg.data.preference if s.startswith("mcq:") and "mmlu" not in s],
+    "aqua": lambda cfg: [s for s in cfg.data.preference if s.startswith("aqua")],
+}
+
+
+def cmd_dpo(a) -> None:
+    from stemqa.data.preference import prepare_pairs
+    from stemqa.models.loader import load_tokenizer
+
+    out = OUT / "models" / a.tag
+    overrides = [f"dpo.beta={a.beta}", f"dpo.lr={a.lr}", f"dpo.loss={a.loss}", *a.set]
+    if a.steps:
+        overrides.append(f"dpo.max_steps={a.steps}")
+    if a.pairs_n:
+        overrides.append(f"dpo.split_sizes=[{a.pairs_n},{max(a.pairs_n // 20, 100)},{max(a.pairs_n // 20, 100)}]")
+    if not (out / "model" / "config.json").exists():
+        cfg = study_config(overrides)
+        sources = [s for name in a.pairs.split(",") for s in PAIR_SOURCES[name](cfg)]
+        pairs_dir = out / "pairs"
+        prep = prepare_pairs(sources, data_root(), load_tokenizer(model_path(a.start)), cfg.dpo, pairs_dir)
+        l0 = load()
+        log(f"dpo {a.tag}: {prep['counts']['train']} train pairs from {a.pairs}, {' '.join(overrides)}")
+        res, wall = stemqa(["dpo", "--config", "study", "--pairs", str(pairs_dir), "--out", str(out),
+                            "--model", model_path(a.start), *sets_flags(overrides)])
+        m = res["metrics"]
+        keep = ("steps", "val_reward_accuracy_before", "val_reward_accuracy_best", "best_step",
+                "test_reward_accuracy", "test_reward_margin", "test_pairs", "train_pairs")
+        record({"tag": a.tag, "kind": "dpo", "start": a.start, "pairs": a.pairs, "overrides": overrides,
+                "wall_s": round(wall), "load": [l0, load()], **{k: m.get(k) for k in keep}})
+        log(f"dpo {a.tag}: " + ", ".join(f"{k} {m.get(k)}" for k in keep) + f", {wall:.0f} s")
+    figures = eval_dev(a.tag, a.modes.split(","), a.dev_limit)
+    record({"tag": a.tag, "kind": "eval", "dev": dev_key(a.dev_limit), "figures": figures})
+
+
+def cmd_eval(a) -> None:
+    figures = eval_dev(a.tag, a.modes.split(","), a.dev_limit)
+    record({"tag": a.tag, "kind": "eval", "dev": dev_key(a.dev_limit), "figures": figures})
+
+
+def cmd_table(a) -> None:
+    rows = []
+    for d in sorted((OUT / "evals").glob("*/dev*/*/calibration.json")):
+        tag, key, mode = d.parts[-4], d.parts[-3], d.parts[-2]
+        c = json.loads(d.read_text())
+        rows.append((key, tag, mode, c["accuracy"], c["ece_before"], c["ece_after"]))
+    names = sorted({k for *_, acc, _, _ in rows for k in acc})
+    print(f"{'dev':<8} {'model':<24} {'mode':<16} " + " ".join(f"{n[:18]:>18}" for n in names) + "  ECE before/after")
+    for key, tag, mode, acc, e0, e1 in rows:
+        print(f"{key:<8} {tag:<24} {mode:<16} " + " ".join(f"{acc.get(n, float('nan')):>18.3f}" for n in names)
+              + f"  {e0:.3f}/{e1:.3f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--tag", required=True, help="name of the model / run")
+        sp.add_argument("--modes", default=",".join(MODES), help="answer modes to fit and score on dev")
+        sp.add_argument("--dev-limit", type=int, default=None, help="screen on a hashed subset of each dev set")
+        sp.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
+
+    e = sub.add_parser("eval", help="fit and score a model on dev in every mode")
+    common(e)
+    s = sub.add_parser("sft", help="`stemqa sft` on a training pool, then eval on dev")
+    common(s)
+    s.add_argument("--start", default="base", help="model to start from: base or a tag")
+    s.add_argument("--pool", default="arc", choices=sorted(POOLS))
+    s.add_argument("--limit", type=int, default=None, help="hashed subset of the pool")
+    s.add_argument("--data", default="qa", choices=["qa", "mcq"], help="qa: question -> answer text; mcq: letter")
+    s.add_argument("--lr", type=float, default=2e-5)
+    s.add_argument("--epochs", type=float, default=1.0)
+    s.add_argument("--steps", type=int, default=None)
+    d = sub.add_parser("dpo", help="`stemqa dpo` on answer pairs from a start model, then eval on dev")
+    common(d)
+    d.add_argument("--start", required=True)
+    d.add_argument("--pairs", default="mcq", help=f"comma list of {sorted(PAIR_SOURCES)}")
+    d.add_argument("--pairs-n", type=int, default=None, help="train pairs (val/test: a twentieth, at least 100)")
+    d.add_argument("--beta", type=float, default=0.1)
+    d.add_argument("--lr", type=float, default=1e-6)
+    d.add_argument("--loss", default="sigmoid", choices=["sigmoid", "robust", "ipo"])
+    d.add_argument("--steps", type=int, default=None)
+    sub.add_parser("table", help="dev figures of every evaluated model and mode")
+    a = p.parse_args(argv)
+    {"eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo, "table": cmd_table}[a.cmd](a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
