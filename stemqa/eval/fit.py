@@ -4,17 +4,17 @@
     params.save("mode_params.json")     # what `stemqa eval` (eval.mode_params) and serving load
 
 `fit_mode` returns the fitted `ModeParams`, the `Calibration` (ECE before/after, threshold and the dev accuracy
-on either side of it) and the dev predictions scored with the fitted parameters (the temperature changes no
+on either side of it) and the dev predictions with the calibrated probabilities (the temperature changes no
 prediction; the debiasing does).
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-from stemqa.data.mcq import MCQ
+from stemqa.data.mcq import LETTERS, MCQ
 from stemqa.eval.calibration import Calibration, calibrate
-from stemqa.eval.modes import ModeParams, as_params, log_softmax, position_prior
-from stemqa.eval.scorer import MCQScorer, Prediction
+from stemqa.eval.modes import ModeParams, as_params, cloze_scores, log_softmax, position_prior
+from stemqa.eval.scorer import MCQScorer, Prediction, predict
 
 # Questions per scorer call: big enough for well-packed length-sorted batches, small enough to show progress.
 CHUNK = 256
@@ -52,9 +52,26 @@ def fit_mode(scorer: MCQScorer, scoring: Union[str, ModeParams], dev: Sequence[M
     preds: list[Prediction] = []
     for start in range(0, len(dev), CHUNK):
         preds += scorer.score(dev[start:start + CHUNK], params, header=header)
-    cal = calibrate([p.scores for p in preds], [q.answer for q in dev], wrong_cost)
+    return fit_from_predictions(params, preds, model, fitted_on, wrong_cost)
+
+
+def fit_from_predictions(params: ModeParams, preds: Sequence[Prediction], model: str = "", fitted_on: str = "",
+                         wrong_cost: float = 1.0) -> tuple[ModeParams, Calibration, list[Prediction]]:
+    """Temperature and threshold from dev predictions already scored in `params`'s mode (their `scores`); the
+    predictions come back with the calibrated probabilities and the unsure flag."""
+    gold = [LETTERS.index(p.gold) for p in preds]
+    cal = calibrate([p.scores for p in preds], gold, wrong_cost)
     th = cal.threshold
-    fitted = params.model_copy(update=dict(
+    fitted = ModeParams.model_validate(params.model_copy(update=dict(
         temperature=cal.temperature, unsure_below=th.unsure_below, accuracy_when_unsure=th.accuracy_when_unsure,
-        accuracy_when_sure=th.accuracy_when_sure, model=model, fitted_on=fitted_on))
-    return ModeParams.model_validate(fitted.model_dump()), cal, preds
+        accuracy_when_sure=th.accuracy_when_sure, model=model, fitted_on=fitted_on)).model_dump())
+    return fitted, cal, [predict(p.id, p.subject, p.gold, p.loglikelihoods, p.scores, fitted) for p in preds]
+
+
+def rescored(preds: Sequence[Prediction], params: ModeParams, choices: Sequence[Sequence[str]]) -> list[Prediction]:
+    """Cloze predictions under another normalisation (`params.cloze_norm`) from their saved log-likelihoods:
+    acc and acc_norm come from the same forward passes."""
+    if params.mode != "cloze":
+        raise ValueError(f"only cloze predictions can be rescored from their log-likelihoods, not {params.mode}")
+    return [predict(p.id, p.subject, p.gold, p.loglikelihoods, cloze_scores(p.loglikelihoods, c, params.cloze_norm),
+                    params) for p, c in zip(preds, choices)]

@@ -2,7 +2,8 @@
 
     letter           log p(" A" | harness prompt), ... (lm-eval's MMLU scoring)
     cloze            each answer text's log-likelihood after the question, divided by its length in characters
-                     (lm-eval's acc_norm); `cloze_template` picks the context:
+                     (lm-eval's acc_norm; `cloze_norm: none` = the plain sum, lm-eval's acc, labelled `_acc`);
+                     `cloze_template` picks the context:
                        header   stemqa's: subject header, question, "Answer:"
                        question lm-eval's arc_easy / arc_challenge / sciq / openbookqa: "Question: <q>\\nAnswer:"
     letter_debiased  letter, with the model's prior over option *positions* removed (PriDe: Zheng et al., "Large
@@ -39,6 +40,8 @@ class ModeParams(BaseModel):
 
     mode: Mode = "letter"
     cloze_template: ClozeTemplate = Field("header", description="cloze context (see the module docstring)")
+    cloze_norm: Literal["chars", "none"] = Field(
+        "chars", description="cloze: divide each option's log-likelihood by its length in characters (acc_norm) or not")
     permute_k: Optional[int] = Field(None, ge=1, description="permute: permutations per question; None = all n")
     letter_prior: dict[int, list[float]] = Field(
         default_factory=dict, description="letter_debiased: prior over option positions, per number of options")
@@ -77,25 +80,31 @@ class ModeParams(BaseModel):
 
     def label(self) -> str:
         """Short name for tables: the mode, with the cloze template when it is not the default."""
-        if self.mode == "cloze" and self.cloze_template != "header":
-            return f"cloze_{self.cloze_template}"
+        if self.mode == "cloze":
+            return "cloze" + ("" if self.cloze_template == "header" else f"_{self.cloze_template}") + \
+                ("_acc" if self.cloze_norm == "none" else "")
         if self.mode == "permute" and self.permute_k:
             return f"permute{self.permute_k}"
         return self.mode
 
 
 def as_params(scoring: Union[str, ModeParams]) -> ModeParams:
-    """A mode name or ModeParams -> ModeParams; `cloze_question` is cloze with lm-eval's template."""
+    """A mode name, a cloze label (cloze_question, cloze_acc, cloze_question_acc) or ModeParams -> ModeParams."""
     if isinstance(scoring, ModeParams):
         return scoring
-    if scoring == "cloze_question":
-        return ModeParams(mode="cloze", cloze_template="question")
+    if scoring.startswith("cloze_") and scoring in CLOZE_LABELS:
+        return CLOZE_LABELS[scoring]
     if scoring not in MODES:
-        raise ValueError(f"scoring must be one of {', '.join(MODES)} (or cloze_question), got {scoring!r}")
+        raise ValueError(f"scoring must be one of {', '.join(MODES + tuple(CLOZE_LABELS))}, got {scoring!r}")
     if scoring == "letter_debiased":
         raise ValueError("scoring 'letter_debiased' needs fitted mode parameters with a letter prior "
                          "(eval.mode_params, from stemqa.eval.fit.fit_mode)")
     return ModeParams(mode=scoring)
+
+
+CLOZE_LABELS = {p.label(): p for p in (ModeParams(mode="cloze", cloze_template=t, cloze_norm=n)
+                                        for t in ("header", "question") for n in ("chars", "none"))
+                if p.label() != "cloze"}
 
 
 # --- pure transforms of per-option scores -----------------------------------------------------------------------
@@ -107,6 +116,11 @@ def log_softmax(xs: Sequence[float]) -> list[float]:
 
 def softmax(xs: Sequence[float], temperature: float = 1.0) -> list[float]:
     return [math.exp(v) for v in log_softmax([x / temperature for x in xs])]
+
+
+def cloze_scores(lls: Sequence[float], choices: Sequence[str], norm: str = "chars") -> list[float]:
+    """acc_norm (lm-eval: log-likelihood / length of the option text in characters) or the plain sum (acc)."""
+    return [ll / max(len(c), 1) for ll, c in zip(lls, choices)] if norm == "chars" else list(lls)
 
 
 def cyclic_shifts(n: int, k: Optional[int] = None) -> list[int]:

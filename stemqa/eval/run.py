@@ -101,6 +101,11 @@ def evaluate(model: str, records: Sequence[MCQ], out_dir: Path, scoring: Union[s
         "time_s": round(score_s, 3), "load_time_s": round(load_s, 3) if loaded_here else None,
         "questions_per_s": round(len(records) / score_s, 3) if score_s > 0 else None,
     }
+    flagged = [p for p in preds if p.unsure is not None]
+    if flagged:  # fitted mode parameters with an "unsure" threshold: how often it answers, and how well
+        sure = [p for p in flagged if not p.unsure]
+        metrics["unsure_share"] = round(1 - len(sure) / len(flagged), 6)
+        metrics["accuracy_when_sure"] = sum(p.pred == p.gold for p in sure) / len(sure) if sure else None
     write_results(out_dir, metrics, preds)
     return metrics
 

@@ -29,8 +29,8 @@ import torch
 
 from stemqa.data.mcq import LETTERS, MCQ
 from stemqa.data.prompt import harness_prompt, passages_block, subject_header
-from stemqa.eval.modes import (ModeParams, as_params, cyclic_shifts, debias, log_softmax, permuted_option_logprobs,
-                               rotate, softmax)
+from stemqa.eval.modes import (ModeParams, as_params, cloze_scores, cyclic_shifts, debias, log_softmax,
+                               permuted_option_logprobs, rotate, softmax)
 
 
 @dataclass
@@ -233,8 +233,7 @@ class MCQScorer:
         if params.mode == "cloze":
             prompts = [cloze_prompt(q, template=params.cloze_template, **c) for q, c in zip(records, ctx)]
             lls = self.choice_loglikelihoods(prompts, [[f" {o}" for o in q.choices] for q in records])
-            # acc_norm: log-likelihood per character of the answer text, as lm-eval
-            scores = [[ll / max(len(c), 1) for ll, c in zip(row, q.choices)] for row, q in zip(lls, records)]
+            scores = [cloze_scores(row, q.choices, params.cloze_norm) for row, q in zip(lls, records)]
         elif params.mode == "permute":
             lls, scores = self.permuted(records, ctx, params.permute_k)
         else:
@@ -243,15 +242,7 @@ class MCQScorer:
             scores = lls
             if params.mode == "letter_debiased":
                 scores = [debias(log_softmax(row), params.letter_prior.get(len(row))) for row in lls]
-        preds = []
-        for q, ll, d in zip(records, lls, scores):
-            best = max(range(len(d)), key=d.__getitem__)
-            probs = softmax(d, params.temperature)
-            preds.append(Prediction(
-                q.id, q.subject, q.answer_letter, LETTERS[best], [round(x, 6) for x in ll],
-                [round(p, 6) for p in probs], mode=params.label(), scores=[round(x, 6) for x in d],
-                unsure=None if params.unsure_below is None else max(probs) < params.unsure_below))
-        return preds
+        return [predict(q.id, q.subject, q.answer_letter, ll, d, params) for q, ll, d in zip(records, lls, scores)]
 
     def position_logprobs(self, records: Sequence[MCQ], ctx: Sequence[dict], k: Optional[int] = None
                           ) -> list[tuple[list[int], list[list[float]]]]:
@@ -273,6 +264,16 @@ class MCQScorer:
         per = self.position_logprobs(records, ctx, k)
         lls = [rows[shifts.index(0)] for shifts, rows in per]
         return lls, [permuted_option_logprobs([log_softmax(r) for r in rows], shifts) for shifts, rows in per]
+
+
+def predict(qid: str, subject: str, gold: str, lls: Sequence[float], scores: Sequence[float],
+            params: ModeParams) -> Prediction:
+    """The prediction from a mode's option scores: the top score's letter, softmax(scores / T), the unsure flag."""
+    best = max(range(len(scores)), key=scores.__getitem__)
+    probs = softmax(scores, params.temperature)
+    return Prediction(qid, subject, gold, LETTERS[best], [round(x, 6) for x in lls], [round(p, 6) for p in probs],
+                      mode=params.label(), scores=[round(x, 6) for x in scores],
+                      unsure=None if params.unsure_below is None else max(probs) < params.unsure_below)
 
 
 def cloze_prompt(q: MCQ, fewshot: Sequence[MCQ] = (), header: bool = True,
