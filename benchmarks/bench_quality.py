@@ -143,13 +143,38 @@ def eval_dev(tag: str, modes: list[str], limit: Optional[int] = None, threads: i
         scorer = scorer or load_scorer(model_path(tag), batch_size=16)
         t0 = time.perf_counter()
         l0 = load()
-        params, cal, preds = fit_mode(scorer, mode, pooled, model=tag,
-                                      fitted_on=f"{dev_key(limit)}: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
+        fitted_on = f"{dev_key(limit)}: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items())
+        if mode == "letter_debiased":
+            params, cal, preds = debiased_from_letter(scorer, tag, limit, sets, fitted_on, threads)
+        else:
+            params, cal, preds = fit_mode(scorer, mode, pooled, model=tag, fitted_on=fitted_on)
         figures[mode] = save_mode(d, tag, mode, sets, params, cal, preds, time.perf_counter() - t0, l0)
     for mode in modes:  # lm-eval's acc beside acc_norm: the same forward passes, another normalisation
         if mode.startswith("cloze") and not mode.endswith("_acc"):
             figures[mode + "_acc"] = derive_acc(tag, limit, mode, sets)
     return figures
+
+
+PRIOR_QUESTIONS = 300  # PriDe's prior from k cyclic permutations of this many dev questions (hashed, all sets)
+
+
+def debiased_from_letter(scorer, tag: str, limit: Optional[int], sets: dict, fitted_on: str, threads: int):
+    """letter_debiased: the PriDe prior from PRIOR_QUESTIONS dev questions (no labels), applied to the letter
+    mode's saved log-likelihoods of every dev question (the letter mode is scored first when missing)."""
+    from stemqa.data.splits import share
+    from stemqa.eval.fit import fit_from_predictions, fit_letter_prior, rescored
+    from stemqa.eval.modes import ModeParams
+    from stemqa.eval.select import read_predictions
+
+    letter = OUT / "evals" / tag / dev_key(limit) / "letter"
+    if not (letter / "calibration.json").exists():
+        eval_dev(tag, ["letter"], limit, threads)
+    pooled = [q for qs in sets.values() for q in qs]
+    sample = sorted(pooled, key=lambda q: share("prior/" + q.id))[:PRIOR_QUESTIONS]
+    params = ModeParams(mode="letter_debiased", letter_prior=fit_letter_prior(scorer, sample))
+    preds = [p for name in sets for p in read_predictions(letter / name / "predictions.jsonl")]
+    return fit_from_predictions(params, rescored(preds, params, [q.choices for q in pooled]), model=tag,
+                                fitted_on=f"{fitted_on}; prior from {len(sample)} of them, labels unused")
 
 
 def save_mode(d: Path, tag: str, mode: str, sets: dict, params, cal, preds, wall: float, l0: float) -> dict:

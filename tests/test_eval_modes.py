@@ -142,3 +142,24 @@ def test_bad_mode_params_and_config_are_rejected(tmp_path):
         params_from_config(cfg.eval)
     cfg = load_config("demo", ["eval.scoring=cloze", "eval.cloze_template=question"])
     assert params_from_config(cfg.eval).label() == "cloze_question"
+
+
+def test_rescoring_from_saved_loglikelihoods_equals_scoring(scorer, records):
+    from stemqa.eval.fit import fit_from_predictions, rescored
+
+    choices = [q.choices for q in records]
+    cloze = scorer.score(records, "cloze_question")
+    acc = rescored(cloze, as_params("cloze_question_acc"), choices)
+    direct = scorer.score(records, "cloze_question_acc")
+    assert [p.pred for p in acc] == [p.pred for p in direct] and acc[0].mode == "cloze_question_acc"
+    assert acc[0].scores == pytest.approx(direct[0].scores, abs=1e-5)
+    assert acc[0].scores == pytest.approx(cloze[0].loglikelihoods, abs=1e-6)  # acc: the plain sums
+    prior = fit_letter_prior(scorer, records[:4])
+    params = ModeParams(mode="letter_debiased", letter_prior=prior)
+    deb = rescored(scorer.score(records, "letter"), params, choices)
+    assert [p.scores for p in deb] == [pytest.approx(p.scores, abs=1e-5) for p in scorer.score(records, params)]
+    fitted, cal, out = fit_from_predictions(params, deb)
+    assert fitted.letter_prior == prior and fitted.temperature == pytest.approx(cal.temperature)
+    assert all(p.unsure is not None for p in out)
+    with pytest.raises(ValueError, match="own forward passes"):
+        rescored(deb, ModeParams(mode="permute"), choices)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 
 from stemqa.data.mcq import LETTERS, MCQ
 from stemqa.eval.calibration import Calibration, calibrate
-from stemqa.eval.modes import ModeParams, as_params, cloze_scores, log_softmax, position_prior
+from stemqa.eval.modes import ModeParams, as_params, cloze_scores, debias, log_softmax, position_prior
 from stemqa.eval.scorer import MCQScorer, Prediction, predict
 
 # Questions per scorer call: big enough for well-packed length-sorted batches, small enough to show progress.
@@ -40,13 +40,16 @@ def fit_letter_prior(scorer: MCQScorer, records: Sequence[MCQ], header: bool = T
 
 
 def fit_mode(scorer: MCQScorer, scoring: Union[str, ModeParams], dev: Sequence[MCQ], model: str = "",
-             fitted_on: str = "", header: bool = True, wrong_cost: float = 1.0
+             fitted_on: str = "", header: bool = True, wrong_cost: float = 1.0, prior_questions: Optional[int] = None
              ) -> tuple[ModeParams, Calibration, list[Prediction]]:
-    """Fit `scoring` (a mode name or ModeParams; letter_debiased gets its prior here) on the dev questions."""
+    """Fit `scoring` (a mode name or ModeParams) on the dev questions. letter_debiased gets its prior here, from
+    the first `prior_questions` of `dev` (all by default; PriDe itself estimates it on a few percent of the
+    questions, since it costs one forward pass per option per question)."""
     if not dev:
         raise ValueError("no dev questions to fit the mode on")
     if isinstance(scoring, str) and scoring == "letter_debiased":
-        params = ModeParams(mode="letter_debiased", letter_prior=fit_letter_prior(scorer, dev, header))
+        params = ModeParams(mode="letter_debiased",
+                            letter_prior=fit_letter_prior(scorer, dev[:prior_questions or len(dev)], header))
     else:
         params = as_params(scoring).model_copy(update=dict(temperature=1.0, unsure_below=None))
     preds: list[Prediction] = []
@@ -69,9 +72,14 @@ def fit_from_predictions(params: ModeParams, preds: Sequence[Prediction], model:
 
 
 def rescored(preds: Sequence[Prediction], params: ModeParams, choices: Sequence[Sequence[str]]) -> list[Prediction]:
-    """Cloze predictions under another normalisation (`params.cloze_norm`) from their saved log-likelihoods:
-    acc and acc_norm come from the same forward passes."""
-    if params.mode != "cloze":
-        raise ValueError(f"only cloze predictions can be rescored from their log-likelihoods, not {params.mode}")
-    return [predict(p.id, p.subject, p.gold, p.loglikelihoods, cloze_scores(p.loglikelihoods, c, params.cloze_norm),
-                    params) for p, c in zip(preds, choices)]
+    """Predictions in `params`'s mode from the saved log-likelihoods of the same forward passes: cloze under
+    either normalisation from cloze predictions, letter or letter_debiased from letter predictions."""
+    if params.mode == "cloze":
+        scores = [cloze_scores(p.loglikelihoods, c, params.cloze_norm) for p, c in zip(preds, choices)]
+    elif params.mode in ("letter", "letter_debiased"):
+        scores = [p.loglikelihoods if params.mode == "letter" else
+                  debias(log_softmax(p.loglikelihoods), params.letter_prior.get(len(p.loglikelihoods)))
+                  for p in preds]
+    else:
+        raise ValueError(f"{params.mode} predictions need their own forward passes (not a rescoring)")
+    return [predict(p.id, p.subject, p.gold, p.loglikelihoods, sc, params) for p, sc in zip(preds, scores)]
