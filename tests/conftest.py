@@ -25,6 +25,18 @@ def full_data(root: Path) -> bool:
     return Path(root).resolve() == SHARED_DATA.resolve() and (SHARED_DATA / "mcq").is_dir()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module: the CPU is shared with other test processes, and 2 threads per process
+    oversubscribe it (several x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real data (../shared/data, or $STEMQA_DATA_ROOT); where it is absent (a clone elsewhere), the

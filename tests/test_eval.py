@@ -16,13 +16,7 @@ from stemqa.eval.scorer import MCQScorer, cloze_prompt
 MCQ_DIR = SAMPLE_DATA / "mcq"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the CPU is shared with other test processes; 2 threads per process oversubscribe it (several x slower)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

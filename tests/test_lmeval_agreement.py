@@ -73,3 +73,35 @@ def test_agrees_with_lmeval_5shot_with_prefix_cache(tiny_model, tmp_path):
 def test_agrees_with_lmeval_smollm2(shared_data, smollm2, header, tmp_path):
     check_agreement("smollm2-135m-instruct", mmlu_slice(shared_data, per_subject=10), tmp_path, header=header,
                     ll_tol=1e-3)
+
+
+def check_arc_cloze_agreement(model: str, records: list[MCQ], tmp_path, ll_tol: float) -> None:
+    """cloze with the `question` template reproduces lm-eval's own arc_easy task item for item: the same contexts
+    and continuations, log-likelihoods within ll_tol, and the same acc_norm prediction on every question."""
+    from stemqa.eval.lmeval_task import run_lmeval
+    from stemqa.eval.run import score_records
+    from stemqa.eval.scorer import cloze_prompt
+    from stemqa.models import resolve_model
+
+    theirs = run_lmeval(str(resolve_model(model)), records, tmp_path / "task", task="arc")
+    assert theirs["contexts"] == [cloze_prompt(q, template="question") for q in records]
+    assert theirs["contexts"][0] == f"Question: {records[0].question}\nAnswer:"
+    assert theirs["continuations"] == [[f" {c}" for c in q.choices] for q in records]
+    ours = score_records(load_scorer(model, batch_size=8), records, scoring="cloze_question", progress=False)
+    worst = max(abs(a - b) for p, row in zip(ours, theirs["loglikelihoods"]) for a, b in zip(p.loglikelihoods, row))
+    assert worst <= ll_tol, f"largest log-likelihood difference {worst}"
+    assert [p.pred for p in ours] == theirs["pred_norm"]  # every item, not a share
+    # lm-eval's own per-question acc_norm agrees with ours
+    assert [float(p.pred == p.gold) for p in ours] == theirs["acc_norm"]
+
+
+def test_cloze_question_template_is_lmeval_arc_easy_tiny(tiny_model, tmp_path):
+    records = load_file(SAMPLE_DATA / "mcq/arc/ARC-Easy-test.jsonl", "arc_jsonl", limit=12)[0]
+    check_arc_cloze_agreement("tiny-qwen3", records, tmp_path, ll_tol=1e-3)
+
+
+@pytest.mark.slow
+def test_cloze_question_template_is_lmeval_arc_easy_smollm2(shared_data, smollm2, tmp_path):
+    records = load_file(shared_data / "mcq/arc/ARC-Easy-test.jsonl", "arc_jsonl", limit=30)[0]
+    records += load_file(shared_data / "mcq/arc/ARC-Challenge-dev.jsonl", "arc_jsonl", limit=20)[0]
+    check_arc_cloze_agreement("smollm2-135m-instruct", records, tmp_path, ll_tol=1e-3)

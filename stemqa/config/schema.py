@@ -40,6 +40,11 @@ class McqSource(Section):
     subject: Optional[str] = Field(None, description="Subject for every record; default: from the file name.")
     limit: Optional[int] = Field(None, ge=1, description="Keep at most this many records from the source.")
     subjects: Optional[list[str]] = Field(None, description="For a directory of MMLU CSVs: only these subjects.")
+    split: Optional[Literal["train", "dev", "report"]] = Field(
+        None, description="Keep only the rows of this part of stemqa's fixed splits (stemqa/data/splits.py, a hash of "
+        "the question text): train = drop every question of a dev or report set (decontamination across files); "
+        "dev / report = keep only the source's questions of that part (e.g. the MMLU test CSVs with split: dev). "
+        "Applied before `limit`.")
 
 
 class DataConfig(Section):
@@ -51,8 +56,10 @@ class DataConfig(Section):
     train: list[McqSource] = Field(default_factory=list, description="MCQ training pool (filtered, then SFT).")
     preference: list[str] = Field(
         default_factory=list,
-        description="Preference sources: 'aqua:<path>' (STEM pairs from AQuA-RAT rationales), "
-        "'pairs:<path>' ({prompt,chosen,rejected} JSONL), 'sharegpt:<path>', 'hh:<path>'.",
+        description="Preference sources: 'mcq:<format>:<path>' (answer pairs from an MCQ set's training-side "
+        "questions: right vs wrong option text after 'Question: ..\\nAnswer:'), 'aqua:<path>' (AQuA-RAT rationale vs a "
+        "bare wrong option), 'aqua_hard:<path>' (the same rationale ending in the right vs a wrong option), "
+        "'pairs:<path>' ({prompt,chosen,rejected} JSONL), 'sharegpt:<path>', 'hh:<path>' (stemqa.data.preference).",
     )
     skip_invalid: bool = Field(False, description="Skip malformed rows (counted, first reasons shown) instead of failing.")
     seed: int = Field(0, description="Seed for every shuffle and split.")
@@ -245,7 +252,17 @@ class EvalSet(Section):
 class EvalConfig(Section):
     enabled: bool = Field(True, description="Run this stage in the pipeline.")
     sets: list[EvalSet] = Field(default_factory=list, description="Evaluation sets.")
-    scoring: Literal["letter", "cloze"] = Field("letter", description="letter: log-likelihood of ' A'..; cloze: of each answer text (acc_norm).")
+    scoring: Literal["letter", "cloze", "letter_debiased", "permute"] = Field(
+        "letter", description="Answer mode (stemqa/eval/modes.py): letter = log-likelihood of ' A'..; cloze = of each "
+        "answer text (acc_norm); letter_debiased = letter minus the model's prior over option positions (PriDe, fitted "
+        "on dev: needs mode_params); permute = each option's letter probability averaged over cyclic permutations.")
+    cloze_template: Literal["header", "question"] = Field(
+        "header", description="cloze context: header = subject header + question + 'Answer:'; question = lm-eval's "
+        "arc/sciq/openbookqa 'Question: <q>\\nAnswer:' (the format `sft.data: qa` trains).")
+    permute_k: Optional[int] = Field(None, ge=1, description="permute: permutations (forward passes) per question; null = all.")
+    mode_params: Optional[str] = Field(
+        None, description="JSON of a mode fitted on dev (stemqa.eval.fit.fit_mode: temperature, letter prior, 'unsure' "
+        "threshold); it must be for eval.scoring's mode and then supplies the cloze template and permute_k too.")
     batch_size: int = Field(8, ge=1, description="Questions per forward pass.")
     num_fewshot: int = Field(0, ge=0, description="k-shot examples from the dev split (MMLU dev).")
     fewshot_source: Optional[McqSource] = Field(None, description="Where k-shot examples come from.")
@@ -254,6 +271,13 @@ class EvalConfig(Section):
     models: list[Literal["base", "sft", "dpo", "quant"]] = Field(
         default_factory=lambda: ["base", "quant"], description="Which pipeline models the pipeline evaluates."
     )
+
+    @model_validator(mode="after")
+    def _debiased_needs_params(self):
+        if self.scoring == "letter_debiased" and not self.mode_params:
+            raise ValueError("eval.scoring=letter_debiased needs eval.mode_params (the letter prior fitted on dev by "
+                             "stemqa.eval.fit.fit_mode)")
+        return self
 
 
 class AutoscalingConfig(Section):

@@ -71,9 +71,12 @@ class LoadReport:
     loaded: int = 0
     skipped: int = 0
     reasons: list[str] = field(default_factory=list)  # the first few
+    other_split: int = 0  # valid rows left out by `McqSource.split` (they belong to another part)
 
     def summary(self) -> str:
         s = f"{self.path}: {self.loaded} loaded"
+        if self.other_split:
+            s += f", {self.other_split} of another split left out"
         if self.skipped:
             s += f", {self.skipped} skipped (first: {'; '.join(self.reasons[:3])})"
         return s
@@ -267,13 +270,20 @@ def load_source(src, root: Path, skip_invalid: bool = False) -> tuple[list[MCQ],
         files = [path]
     if not files:
         raise FileNotFoundError(f"{path}: no data files")
+    split = getattr(src, "split", None)
     records, reports = [], []
     for f in files:
         remaining = None if src.limit is None else src.limit - len(records)
         if remaining is not None and remaining <= 0:
             break
         recs, rep = load_file(f, src.format, source=src.name, subject=src.subject, skip_invalid=skip_invalid,
-                              limit=remaining)
+                              limit=None if split else remaining)
+        if split:  # the split first, then the limit: `limit` counts rows of this part
+            from stemqa.data.splits import select
+
+            recs, rep.other_split = select(recs, split, root)
+            recs = recs[:remaining] if remaining is not None else recs
+            rep.loaded = len(recs)
         records += recs
         reports.append(rep)
     return records, reports

@@ -7,6 +7,17 @@ Sources (strings as in `DataConfig.preference`, paths relative to the data root)
                     prompt is their common prefix up to the last `Assistant:` turn.
 - `aqua:<file>`     STEM pairs derived from AQuA-RAT: prompt = question + options; chosen = the worked rationale
                     ending in the right option; rejected = a reasoning-free wrong option ("The answer is C) 600").
+                    Easy: the two differ from the first token on (a rationale vs none), so a model can tell them
+                    apart without any STEM knowledge.
+- `aqua_hard:<file>` the same prompt and chosen; rejected = the *same* rationale ending in a wrong option, so the
+                    pair differs only in which option the reasoning reaches.
+- `mcq:<format>:<path>` answer pairs from an MCQ set (`format` as `McqSource.format`; a file or a directory):
+                    prompt = `Question: <q>\nAnswer:` (the cloze context of lm-eval's ARC task and `sft.data: qa`),
+                    chosen = ` <right option's text>`, rejected = ` <a wrong option's text>` (one per question,
+                    seeded): the same format on both sides, so only knowing the answer separates them. Only the
+                    training part of the fixed splits is read (`McqSource.split: train`, stemqa.data.splits), a
+                    question met in an earlier `mcq:` source is skipped (counted), and the STEM keyword filter
+                    does not apply (the MCQ sets are chosen by the config, and short answers rarely name a field).
 
 A malformed row raises `PreferenceFormatError` naming the file and line (or array index); with
 `skip_invalid` it is skipped and counted instead. `prepare_pairs` filters, caps lengths, splits
@@ -15,6 +26,7 @@ deterministically and writes `train/val/test.jsonl` plus `prep.json` (every coun
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -24,7 +36,8 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from stemqa.data.mcq import LETTERS
+from stemqa.data.mcq import LETTERS, MCQ
+from stemqa.data.qa import qa_from_mcq, qa_prompt
 
 SPLITS = ("train", "val", "test")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -171,6 +184,59 @@ def _from_aqua(row, loc: str, source: str, index: int, seed: int) -> Pair:
     return Pair(f"{source}/{index + 1}", prompt, chosen, rejected, source)
 
 
+def _from_aqua_hard(row, loc: str, source: str, index: int, seed: int) -> Pair:
+    easy = _from_aqua(row, loc, source, index, seed)
+    rationale = row["rationale"].strip()
+    return Pair(easy.id, easy.prompt, easy.chosen, f" {rationale}\n{easy.rejected.strip()}", source)
+
+
+def mcq_pair(q: MCQ, source: str, seed: int = 0) -> Pair:
+    """Question -> right option's text vs one wrong option's text (chosen per question from `seed` and its id)."""
+    wrong = [i for i in range(len(q.choices)) if i != q.answer and q.choices[i].strip() != q.choices[q.answer].strip()]
+    if not wrong:
+        raise ValueError(f"{q.id}: no wrong option differs from the right one")
+    key = int.from_bytes(hashlib.sha256(f"{seed}/{q.id}".encode()).digest()[:8], "big")
+    pick = wrong[key % len(wrong)]
+    return Pair(f"{source}/{q.id}", qa_prompt(qa_from_mcq(q)), f" {q.choices[q.answer].strip()}",
+                f" {q.choices[pick].strip()}", source)
+
+
+def load_mcq_pairs(spec_rest: str, data_root: Path, source: str, skip_invalid: bool = False, seed: int = 0,
+                   seen: Optional[set] = None) -> tuple[list[Pair], dict]:
+    """`mcq:<format>:<path>` -> answer pairs of its training-side questions; `seen` (`splits.key`s) is shared
+    across sources so a question in two files gives one pair."""
+    from stemqa.config.schema import McqSource
+    from stemqa.data.mcq import load_source
+    from stemqa.data.splits import key
+
+    from stemqa.data.mcq import PARSERS
+
+    fmt, sep, rel = spec_rest.partition(":")
+    if not sep or not rel:
+        raise ValueError(f"preference source {source!r}: expected 'mcq:<format>:<path>'")
+    if fmt not in PARSERS:
+        raise ValueError(f"preference source {source!r}: format {fmt!r} is not one of {', '.join(PARSERS)}")
+    records, reports = load_source(McqSource(path=rel, format=fmt, split="train"), data_root, skip_invalid)
+    seen = set() if seen is None else seen
+    pairs, report = [], {"path": rel, "loaded": 0, "skipped": sum(r.skipped for r in reports),
+                         "reasons": [x for r in reports for x in r.reasons][:5],
+                         "held_out": sum(r.other_split for r in reports), "duplicate_questions": 0}
+    for q in records:
+        k = key(q)
+        if k in seen:
+            report["duplicate_questions"] += 1
+            continue
+        seen.add(k)
+        try:
+            pairs.append(mcq_pair(q, source, seed))
+        except ValueError as e:
+            if not skip_invalid:
+                raise PreferenceFormatError(f"{rel}: {e}") from None
+            report["skipped"] += 1
+    report["loaded"] = len(pairs)
+    return pairs, report
+
+
 def load_pairs(kind: str, path, source: Optional[str] = None, skip_invalid: bool = False,
                seed: int = 0) -> tuple[list[Pair], dict]:
     """Read one preference file; returns the pairs and a report {path, loaded, skipped, reasons}."""
@@ -182,16 +248,19 @@ def load_pairs(kind: str, path, source: Optional[str] = None, skip_invalid: bool
     makers: dict[str, Callable] = {"pairs": _from_pairs, "sharegpt": _from_sharegpt, "hh": _from_hh}
     if kind == "sharegpt":
         rows = _json_array(path)
-    elif kind in ("pairs", "hh", "aqua"):
+    elif kind in ("pairs", "hh", "aqua", "aqua_hard"):
         rows = _jsonl(path)
     else:
-        raise ValueError(f"unknown preference source kind {kind!r} (known: pairs, sharegpt, hh, aqua)")
+        raise ValueError(f"unknown preference source kind {kind!r} (known: {', '.join(KINDS)})")
     pairs, report = [], {"path": str(path), "loaded": 0, "skipped": 0, "reasons": []}
     for index, (loc, row) in enumerate(rows):
         try:
             if isinstance(row, Exception):
                 raise row
-            pair = _from_aqua(row, loc, source, index, seed) if kind == "aqua" else makers[kind](row, loc, source)
+            if kind in ("aqua", "aqua_hard"):
+                pair = (_from_aqua if kind == "aqua" else _from_aqua_hard)(row, loc, source, index, seed)
+            else:
+                pair = makers[kind](row, loc, source)
         except (ValueError, TypeError, KeyError) as e:
             if not skip_invalid:
                 raise PreferenceFormatError(f"{loc}: {e}") from None
@@ -209,10 +278,14 @@ def aqua_pairs(path, seed: int = 0, skip_invalid: bool = False) -> list[Pair]:
     return load_pairs("aqua", path, source="aqua", skip_invalid=skip_invalid, seed=seed)[0]
 
 
+KINDS = ("pairs", "sharegpt", "hh", "aqua", "aqua_hard", "mcq")
+
+
 def parse_source(spec: str) -> tuple[str, str]:
     kind, sep, path = spec.partition(":")
-    if not sep or not path:
-        raise ValueError(f"preference source {spec!r}: expected '<kind>:<path>' (kinds: pairs, sharegpt, hh, aqua)")
+    if not sep or not path or kind not in KINDS:
+        raise ValueError(f"preference source {spec!r}: expected '<kind>:<path>' (kinds: {', '.join(KINDS)}; "
+                         "mcq:<format>:<path>)")
     return kind, path
 
 
@@ -269,14 +342,21 @@ def prepare_pairs(sources: list[str], data_root: Path, tokenizer, cfg, out_dir: 
         raise ValueError("no preference sources (data.preference is empty)")
     out_dir = Path(out_dir)
     pairs, counts = [], {"sources": {}}
+    seen_questions: set = set()  # mcq sources: one pair per question across files
     for spec in sources:
         kind, rel = parse_source(spec)
-        path = Path(rel) if Path(rel).is_absolute() else Path(data_root) / rel
-        loaded, report = load_pairs(kind, path, source=spec, skip_invalid=cfg.skip_invalid, seed=cfg.seed)
-        stem = [p for p in loaded if is_stem(p)] if cfg.stem_filter else loaded
+        if kind == "mcq":
+            loaded, report = load_mcq_pairs(rel, Path(data_root), spec, cfg.skip_invalid, cfg.seed, seen_questions)
+        else:
+            path = Path(rel) if Path(rel).is_absolute() else Path(data_root) / rel
+            loaded, report = load_pairs(kind, path, source=spec, skip_invalid=cfg.skip_invalid, seed=cfg.seed)
+        stem = [p for p in loaded if is_stem(p)] if cfg.stem_filter and kind != "mcq" else loaded
         counts["sources"][spec] = {"loaded": len(loaded), "skipped_invalid": report["skipped"],
                                    "invalid_reasons": report["reasons"], "stem_kept": len(stem),
                                    "stem_dropped": len(loaded) - len(stem)}
+        for extra in ("held_out", "duplicate_questions"):
+            if extra in report:
+                counts["sources"][spec][extra] = report[extra]
         pairs += stem
     seen, unique = set(), []
     for p in pairs:  # ids must be unique: reference log-probs are joined to pairs by id

@@ -2,7 +2,9 @@
 
 A record is `{id, question, answer, source}`; the model sees `qa_prompt` and is trained on `qa_target`
 (the answer), the prompt masked. Formats:
-- qa_jsonl:   one `{question, answer}` object per line (optional `id`, `source`); stemqa's own records too.
+- qa_jsonl:   one `{question, answer}` object per line (optional `id`, `source`); stemqa's own records too, and
+              stemqa's MCQ records (`{question, choices, answer: index}`, what `stemqa data` writes): the answer is
+              the right option's text, so MCQ training pools train question -> answer text (the cloze format).
 - aqua_jsonl: AQuA-RAT, answer = the worked rationale + "The answer is <the right option>" (the same text
   the AQuA-derived DPO pairs use as `chosen`).
 A malformed row raises `QAFormatError` naming the file and line; no row is dropped silently.
@@ -14,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from stemqa.data.mcq import LETTERS, _jsonl_rows
+from stemqa.data.mcq import LETTERS, MCQ, _jsonl_rows
 
 
 class QAFormatError(ValueError):
@@ -45,7 +47,17 @@ def _text(obj: dict, key: str) -> str:
     return obj[key]
 
 
+def qa_from_mcq(q: MCQ) -> QA:
+    """An MCQ as question -> the right option's text."""
+    return QA(q.id, q.question, q.choices[q.answer], q.source)
+
+
 def _from_qa(obj: dict, source: str, lineno: int) -> QA:
+    if "choices" in obj and not isinstance(obj.get("answer"), str):  # an MCQ record: answer is an option index
+        try:
+            return qa_from_mcq(MCQ.from_dict({"id": f"{source}/{lineno}", "subject": "", "source": source, **obj}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"an MCQ record, but {e}") from None
     return QA(str(obj.get("id", f"{source}/{lineno}")), _text(obj, "question"), _text(obj, "answer"),
               str(obj.get("source", source)))
 

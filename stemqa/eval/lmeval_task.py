@@ -64,6 +64,32 @@ def write_lmeval_task(records: Sequence[MCQ], task_dir: Path, name: str = "stemq
     return name
 
 
+def lmeval_arc_yaml() -> Path:
+    """The arc_easy task YAML that ships with lm-eval (doc_to_text "Question: {{question}}\\nAnswer:", the option
+    texts as choices, acc and acc_norm)."""
+    import lm_eval
+
+    return Path(lm_eval.__file__).resolve().parent / "tasks" / "arc" / "arc_easy.yaml"
+
+
+def write_lmeval_arc_task(records: Sequence[MCQ], task_dir: Path, name: str = "stemqa_arc") -> str:
+    """lm-eval's own arc_easy task, its YAML included unchanged, over `records` written in the hub's ai2_arc layout
+    (`{id, question, choices: {text, label}, answerKey}`): only where the data comes from is overridden."""
+    task_dir = Path(task_dir).resolve()
+    task_dir.mkdir(parents=True, exist_ok=True)
+    data = task_dir / f"{name}.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for q in records:
+            labels = list(LETTERS[:len(q.choices)])
+            f.write(json.dumps({"id": q.id, "question": q.question, "choices": {"text": q.choices, "label": labels},
+                                "answerKey": q.answer_letter}, ensure_ascii=False) + "\n")
+    task = {"include": str(lmeval_arc_yaml()), "task": name, "tag": [], "dataset_path": "json", "dataset_name": None,
+            "dataset_kwargs": {"data_files": {"test": str(data)}}, "training_split": None, "validation_split": None,
+            "test_split": "test"}
+    (task_dir / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
+    return name
+
+
 def load_lmeval_model(model_dir: str, batch_size: int = 8):
     """lm-eval's own `hf` model (HFLM), float32 on CPU, to time scoring apart from loading."""
     from lm_eval.models.huggingface import HFLM
@@ -71,26 +97,40 @@ def load_lmeval_model(model_dir: str, batch_size: int = 8):
     return HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=batch_size)
 
 
+def _arguments(sample: dict) -> list[tuple[str, str]]:
+    """(context, continuation) per option of a logged sample (a list, or {"gen_args_i": {arg_0, arg_1}})."""
+    args = sample["arguments"]
+    if isinstance(args, list):
+        return [(a[0], a[1]) for a in args]
+    return [(v["arg_0"], v["arg_1"]) for _, v in sorted(args.items(), key=lambda kv: int(kv[0].rsplit("_", 1)[1]))]
+
+
 def run_lmeval(model_dir: str, records: Sequence[MCQ], task_dir: Path, header: bool = True, batch_size: int = 8,
                name: str = "stemqa_mcq", lm=None, fewshot: Mapping[str, Sequence[MCQ]] | None = None,
-               num_fewshot: int = 0) -> dict:
+               num_fewshot: int = 0, task: str = "mmlu") -> dict:
     """Run lm-eval (`hf` model, float32, CPU) on `records`; returns per-question lls/contexts/preds and timing.
     With `lm` (from `load_lmeval_model`) that model is used and `time_s` leaves out its loading. k-shot
     (`num_fewshot` > 0) takes the first examples of `fewshot[subject]`, one lm-eval task per subject as MMLU.
 
     Result: {"loglikelihoods": [[ll per option], ...], "contexts": [prompt, ...], "pred": [letter, ...],
     "accuracy": float, "time_s": wall seconds of simple_evaluate (model load included)}; lists in the order
-    of `records`.
+    of `records`. task "arc": lm-eval's own arc_easy task (cloze, "Question: ..\\nAnswer:"), plus "pred_norm"
+    (argmax of ll / option length), lm-eval's per-question "acc_norm" and the scored "continuations".
     """
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the task's data is a local JSONL; never ask the hub
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    if num_fewshot:
+    if task not in ("mmlu", "arc"):
+        raise ValueError(f"task must be 'mmlu' (letter, MMLU's prompt) or 'arc' (lm-eval's arc_easy), got {task!r}")
+    if task == "arc":
+        parts = {name: list(records)}
+        write_lmeval_arc_task(records, task_dir, name)
+    elif num_fewshot:
         subjects = sorted({q.subject for q in records})
         parts = {f"{name}_{i}": [q for q in records if q.subject == s] for i, s in enumerate(subjects)}
-        for (task, part), s in zip(parts.items(), subjects):
-            write_lmeval_task(part, task_dir, task, header, dev=(fewshot or {}).get(s, ()))
+        for (part_name, part), s in zip(parts.items(), subjects):
+            write_lmeval_task(part, task_dir, part_name, header, dev=(fewshot or {}).get(s, ()))
     else:
         parts = {name: list(records)}
         write_lmeval_task(records, task_dir, name, header)
@@ -103,18 +143,21 @@ def run_lmeval(model_dir: str, records: Sequence[MCQ], task_dir: Path, header: b
     )
     elapsed = time.perf_counter() - t0
     by_id = {}
-    for task, part in parts.items():
-        samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    for part_name, part in parts.items():
+        samples = sorted(out["samples"][part_name], key=lambda s: s["doc_id"])
         if len(samples) != len(part):
-            raise RuntimeError(f"lm-eval returned {len(samples)} samples for {len(part)} records ({task})")
+            raise RuntimeError(f"lm-eval returned {len(samples)} samples for {len(part)} records ({part_name})")
         by_id.update({q.id: s for q, s in zip(part, samples)})
     samples = [by_id[q.id] for q in records]
     lls = [[float(r[0][0]) for r in s["resps"]] for s in samples]
     pred = [LETTERS[max(range(len(r)), key=r.__getitem__)] for r in lls]
+    norm = [[x / len(c) for x, c in zip(r, q.choices)] for r, q in zip(lls, records)]  # lm-eval's acc_norm
     return {
         "loglikelihoods": lls,
-        "contexts": [s["arguments"][0][0] if isinstance(s["arguments"], list) else s["arguments"]["gen_args_0"]["arg_0"]
-                     for s in samples],
+        "pred_norm": [LETTERS[max(range(len(r)), key=r.__getitem__)] for r in norm],
+        "acc_norm": [float(s["acc_norm"]) for s in samples] if task == "arc" else None,
+        "continuations": [[a[1] for a in _arguments(s)] for s in samples],
+        "contexts": [_arguments(s)[0][0] for s in samples],
         "pred": pred,
         "accuracy": sum(p == q.answer_letter for p, q in zip(pred, records)) / len(records),
         "time_s": elapsed,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from stemqa.data.mcq import MCQ, load_source, load_sources
+from stemqa.eval.modes import ModeParams, as_params, params_from_config
 from stemqa.eval.scorer import MCQScorer, Prediction, accuracy
 
 # k-shot examples: one list for every question, or a list per subject (MMLU: the subject's dev split)
@@ -36,7 +37,8 @@ def _fewshot_for(q: MCQ, fewshot: FewShot) -> tuple[MCQ, ...]:
     return tuple(s for s in shots if s.id != q.id)
 
 
-def score_records(scorer: MCQScorer, records: Sequence[MCQ], scoring: str = "letter", fewshot: FewShot = (),
+def score_records(scorer: MCQScorer, records: Sequence[MCQ], scoring: Union[str, ModeParams] = "letter",
+                  fewshot: FewShot = (),
                   header: bool = True, passages: Optional[Sequence[Sequence[str]]] = None,
                   progress: bool = True, desc: str = "eval") -> list[Prediction]:
     """Score records in chunks (for the progress bar); questions sharing k-shot examples are scored together."""
@@ -70,7 +72,8 @@ def write_results(out_dir: Path, metrics: dict, preds: Sequence[Prediction]) -> 
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
-def evaluate(model: str, records: Sequence[MCQ], out_dir: Path, scoring: str = "letter", batch_size: int = 8,
+def evaluate(model: str, records: Sequence[MCQ], out_dir: Path, scoring: Union[str, ModeParams] = "letter",
+             batch_size: int = 8,
              fewshot: FewShot = (), header: bool = True, passages: Optional[Sequence[Sequence[str]]] = None,
              data_desc: str = "", *, dtype: str = "auto", scorer: Optional[MCQScorer] = None,
              progress: bool = True) -> dict:
@@ -93,11 +96,16 @@ def evaluate(model: str, records: Sequence[MCQ], out_dir: Path, scoring: str = "
     k = max((len(_fewshot_for(q, fewshot)) for q in records), default=0)
     metrics = {
         **accuracy(preds),
-        "model": str(model), "data": data_desc, "scoring": scoring, "num_fewshot": k, "subject_header": header,
+        "model": str(model), "data": data_desc, "scoring": as_params(scoring).label(), "num_fewshot": k, "subject_header": header,
         "rag": passages is not None, "batch_size": scorer.batch_size,
         "time_s": round(score_s, 3), "load_time_s": round(load_s, 3) if loaded_here else None,
         "questions_per_s": round(len(records) / score_s, 3) if score_s > 0 else None,
     }
+    flagged = [p for p in preds if p.unsure is not None]
+    if flagged:  # fitted mode parameters with an "unsure" threshold: how often it answers, and how well
+        sure = [p for p in flagged if not p.unsure]
+        metrics["unsure_share"] = round(1 - len(sure) / len(flagged), 6)
+        metrics["accuracy_when_sure"] = sum(p.pred == p.gold for p in sure) / len(sure) if sure else None
     write_results(out_dir, metrics, preds)
     return metrics
 
@@ -144,6 +152,7 @@ def evaluate_sets(model: str, cfg, data_root: Path, out_dir: Path, retriever=Non
     if ev.use_rag and retriever is None:
         raise ValueError("eval.use_rag is on but no retriever was given (build the RAG index first)")
     scorer = scorer or load_scorer(model, ev.batch_size, cfg.model.dtype)
+    params = params_from_config(ev)
     shots = fewshot_pool(cfg, data_root) if ev.num_fewshot > 0 else None
     results = {}
     for s in ev.sets:
@@ -154,7 +163,7 @@ def evaluate_sets(model: str, cfg, data_root: Path, out_dir: Path, retriever=Non
         passages = (retrieve_passages(retriever, records, cfg.rag.top_k, cfg.rag.token_budget, scorer.tok)
                     if ev.use_rag else None)
         desc = s.name + " (" + ", ".join(f"{src.name or Path(src.path).stem}" for src in s.sources) + ")"
-        results[s.name] = evaluate(model, records, Path(out_dir) / s.name, ev.scoring, ev.batch_size,
+        results[s.name] = evaluate(model, records, Path(out_dir) / s.name, params, ev.batch_size,
                                    fewshot, ev.subject_header, passages, desc, scorer=scorer, progress=progress)
     (Path(out_dir) / "summary.json").write_text(json.dumps(results, indent=2))
     return results

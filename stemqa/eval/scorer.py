@@ -19,9 +19,8 @@ and a causal model computes the same values (up to float rounding) as a full pas
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Union
 
 # A common prefix shorter than this is not worth a separate forward pass and a cache copy per batch.
 MIN_PREFIX = 16
@@ -30,6 +29,8 @@ import torch
 
 from stemqa.data.mcq import LETTERS, MCQ
 from stemqa.data.prompt import harness_prompt, passages_block, subject_header
+from stemqa.eval.modes import (ModeParams, as_params, cloze_scores, cyclic_shifts, debias, log_softmax,
+                               permuted_option_logprobs, rotate, softmax)
 
 
 @dataclass
@@ -38,19 +39,21 @@ class Prediction:
     subject: str
     gold: str
     pred: str
-    loglikelihoods: list[float]
-    probabilities: list[float]  # softmax over the options' log-likelihoods
+    loglikelihoods: list[float]  # per option, in the question's order: letter or answer-text log-likelihoods
+    probabilities: list[float]  # softmax(scores / temperature): the top one is `pred`'s
+    mode: str = "letter"  # ModeParams.label() of the mode that scored it
+    scores: Optional[list[float]] = None  # what the mode decides by (acc_norm, debiased, permutation-averaged)
+    unsure: Optional[bool] = None  # top probability under the fitted threshold; None when no threshold is set
 
     def to_dict(self) -> dict:
         return dict(id=self.id, subject=self.subject, gold=self.gold, pred=self.pred,
-                    loglikelihoods=self.loglikelihoods, probabilities=self.probabilities)
+                    loglikelihoods=self.loglikelihoods, probabilities=self.probabilities, mode=self.mode,
+                    scores=self.scores, unsure=self.unsure)
 
-
-def _softmax(xs: Sequence[float]) -> list[float]:
-    m = max(xs)
-    e = [math.exp(x - m) for x in xs]
-    s = sum(e)
-    return [v / s for v in e]
+    @classmethod
+    def from_dict(cls, d: dict) -> "Prediction":
+        return cls(**{k: d[k] for k in ("id", "subject", "gold", "pred", "loglikelihoods", "probabilities")},
+                   mode=d.get("mode", "letter"), scores=d.get("scores"), unsure=d.get("unsure"))
 
 
 class MCQScorer:
@@ -157,42 +160,138 @@ class MCQScorer:
             results[i] = self.loglikelihoods([(prompts[i], f" {LETTERS[j]}") for j in range(n_choices[i])])
         return results  # type: ignore[return-value]
 
+    @torch.inference_mode()
+    def choice_loglikelihoods(self, contexts: list[str], options: list[list[str]]) -> list[list[float]]:
+        """Per context, log p(option | context) of each of its options (lm-eval's `_encode_pair` tokens).
+
+        Why not `loglikelihoods` on every (context, option): a question's options share its context, so the
+        context runs once (its KV cache is repeated for the options) and only the option tokens run again:
+        for ARC, ~3x fewer tokens than one full pass per option. Same values up to float rounding."""
+        enc = [[self.encode_pair(c, o) for o in opts] for c, opts in zip(contexts, options)]
+        results: list[Optional[list[float]]] = [None] * len(contexts)
+        fits = []
+        for i, pairs in enumerate(enc):
+            ctx = pairs[0][0]
+            same_ctx = all(c == ctx for c, _ in pairs) and len(ctx) > 0
+            longest = max(len(x) for _, x in pairs)
+            if same_ctx and len(ctx) + longest <= self.max_length:
+                fits.append(i)
+            else:  # a context the tokenizer merges into an option, or too long: one full pass per option
+                results[i] = self.loglikelihoods([(contexts[i], o) for o in options[i]])
+        fits.sort(key=lambda i: -len(enc[i][0][0]))
+        for start in range(0, len(fits), self.batch_size):
+            idx = fits[start:start + self.batch_size]
+            for i, row in zip(idx, self._options_after_contexts([enc[i][0][0] for i in idx],
+                                                                [[x for _, x in enc[i]] for i in idx])):
+                results[i] = row
+        return results  # type: ignore[return-value]
+
+    def _options_after_contexts(self, ctxs: list[list[int]], conts: list[list[list[int]]]) -> list[list[float]]:
+        width = max(len(c) for c in ctxs)
+        ids = torch.full((len(ctxs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ctxs), width), dtype=torch.long)
+        for i, c in enumerate(ctxs):  # left padding: every context ends at the last column
+            ids[i, width - len(c):] = torch.tensor(c)
+            mask[i, width - len(c):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # predicts each option's first token
+        rows = [(i, x) for i, opts in enumerate(conts) for x in opts]
+        tail = max(len(x) for _, x in rows) - 1  # option tokens after the first, run on the repeated cache
+        later = None
+        if tail > 0:
+            past = out.past_key_values
+            past.batch_select_indices(torch.tensor([i for i, _ in rows], device=self.device))
+            t_ids = torch.full((len(rows), tail), self.pad_id, dtype=torch.long)
+            t_mask = torch.zeros((len(rows), tail), dtype=torch.long)
+            for r, (_, x) in enumerate(rows):  # right padding after the context's last column
+                t_ids[r, :len(x) - 1] = torch.tensor(x[:-1], dtype=torch.long)
+                t_mask[r, :len(x) - 1] = 1
+            ctx_len = torch.tensor([len(ctxs[i]) for i, _ in rows])
+            t_pos = ctx_len[:, None] + torch.arange(tail)[None, :]
+            full_mask = torch.cat([mask[[i for i, _ in rows]], t_mask], dim=1)
+            later = torch.log_softmax(self.model(
+                input_ids=t_ids.to(self.device), attention_mask=full_mask.to(self.device),
+                position_ids=t_pos.to(self.device), past_key_values=past, use_cache=True).logits.float(), dim=-1).cpu()
+        values: list[list[float]] = [[] for _ in ctxs]
+        for r, (i, x) in enumerate(rows):
+            v = float(first[i, x[0]])
+            if len(x) > 1:
+                v += float(later[r, torch.arange(len(x) - 1), torch.tensor(x[1:])].sum())
+            values[i].append(v)
+        return values
+
     # --- MCQs -------------------------------------------------------------------------------------------
-    def score(self, records: Sequence[MCQ], scoring: str = "letter", fewshot: Sequence[MCQ] = (),
+    def score(self, records: Sequence[MCQ], scoring: Union[str, ModeParams] = "letter", fewshot: Sequence[MCQ] = (),
               header: bool = True, passages: Optional[Sequence[Sequence[str]]] = None) -> list[Prediction]:
-        """Predict every record; `passages[i]` (retrieved texts) go before question i when given."""
-        if scoring == "letter":
-            prompts = [harness_prompt(q, fewshot=fewshot, header=header, passages=passages[i] if passages else None)
-                       for i, q in enumerate(records)]
-            lls = self.letter_loglikelihoods(prompts, [len(q.choices) for q in records])
-            decide = lls
-        elif scoring == "cloze":
-            prompts = [cloze_prompt(q, fewshot=fewshot, header=header, passages=passages[i] if passages else None)
-                       for i, q in enumerate(records)]
-            flat = [(p, f" {c}") for p, q in zip(prompts, records) for c in q.choices]
-            values = iter(self.loglikelihoods(flat))
-            lls = [[next(values) for _ in q.choices] for q in records]
-            # acc_norm: log-likelihood per character of the answer text, as lm-eval
-            decide = [[ll / max(len(c), 1) for ll, c in zip(row, q.choices)] for row, q in zip(lls, records)]
+        """Predict every record in the answer mode `scoring` (a mode name or fitted `ModeParams`, see
+        stemqa.eval.modes); `passages[i]` (retrieved texts) go before question i when given."""
+        params = as_params(scoring)
+        ctx = [dict(fewshot=fewshot, header=header, passages=passages[i] if passages else None)
+               for i in range(len(records))]
+        if params.mode == "cloze":
+            prompts = [cloze_prompt(q, template=params.cloze_template, **c) for q, c in zip(records, ctx)]
+            lls = self.choice_loglikelihoods(prompts, [[f" {o}" for o in q.choices] for q in records])
+            scores = [cloze_scores(row, q.choices, params.cloze_norm) for row, q in zip(lls, records)]
+        elif params.mode == "permute":
+            lls, scores = self.permuted(records, ctx, params.permute_k)
         else:
-            raise ValueError(f"scoring must be 'letter' or 'cloze', got {scoring!r}")
-        preds = []
-        for q, ll, d in zip(records, lls, decide):
-            best = max(range(len(d)), key=d.__getitem__)
-            preds.append(Prediction(q.id, q.subject, q.answer_letter, LETTERS[best], [round(x, 6) for x in ll],
-                                    [round(p, 6) for p in _softmax(d if scoring == "letter" else ll)]))
-        return preds
+            prompts = [harness_prompt(q, **c) for q, c in zip(records, ctx)]
+            lls = self.letter_loglikelihoods(prompts, [len(q.choices) for q in records])
+            scores = lls
+            if params.mode == "letter_debiased":
+                scores = [debias(log_softmax(row), params.letter_prior.get(len(row))) for row in lls]
+        return [predict(q.id, q.subject, q.answer_letter, ll, d, params) for q, ll, d in zip(records, lls, scores)]
+
+    def position_logprobs(self, records: Sequence[MCQ], ctx: Sequence[dict], k: Optional[int] = None
+                          ) -> list[tuple[list[int], list[list[float]]]]:
+        """Per record, the cyclic shifts used and, per shift, the letter log-likelihoods by position of the
+        harness prompt whose options are rotated by that shift (`modes.rotate`): k forward passes."""
+        jobs = [(r, s) for r, q in enumerate(records) for s in cyclic_shifts(len(q.choices), k)]
+        rotated = [replace(records[r], choices=rotate(records[r].choices, s)) for r, s in jobs]
+        lls = self.letter_loglikelihoods([harness_prompt(q, **ctx[r]) for q, (r, _) in zip(rotated, jobs)],
+                                         [len(q.choices) for q in rotated])
+        out: list[tuple[list[int], list[list[float]]]] = [([], []) for _ in records]
+        for (r, s), row in zip(jobs, lls):
+            out[r][0].append(s)
+            out[r][1].append(row)
+        return out
+
+    def permuted(self, records: Sequence[MCQ], ctx: Sequence[dict], k: Optional[int]
+                 ) -> tuple[list[list[float]], list[list[float]]]:
+        """(letter log-likelihoods of the unrotated prompt, log of each option's permutation-averaged probability)."""
+        per = self.position_logprobs(records, ctx, k)
+        lls = [rows[shifts.index(0)] for shifts, rows in per]
+        return lls, [permuted_option_logprobs([log_softmax(r) for r in rows], shifts) for shifts, rows in per]
+
+
+def predict(qid: str, subject: str, gold: str, lls: Sequence[float], scores: Sequence[float],
+            params: ModeParams) -> Prediction:
+    """The prediction from a mode's option scores: the top score's letter, softmax(scores / T), the unsure flag."""
+    best = max(range(len(scores)), key=scores.__getitem__)
+    probs = softmax(scores, params.temperature)
+    return Prediction(qid, subject, gold, LETTERS[best], [round(x, 6) for x in lls], [round(p, 6) for p in probs],
+                      mode=params.label(), scores=[round(x, 6) for x in scores],
+                      unsure=None if params.unsure_below is None else max(probs) < params.unsure_below)
 
 
 def cloze_prompt(q: MCQ, fewshot: Sequence[MCQ] = (), header: bool = True,
-                 passages: Optional[Sequence[str]] = None) -> str:
+                 passages: Optional[Sequence[str]] = None, template: str = "header") -> str:
     """Cloze context: the question without lettered options, then `Answer:`; the answer text follows it.
-    k-shot examples are rendered the same way, answered with their answer text (not a letter)."""
-    out = subject_header(q.subject) if header else ""
+    k-shot examples are rendered the same way, answered with their answer text (not a letter).
+
+    template `header`: stemqa's (subject header when `header`, then `<question>\nAnswer:`); `question`: lm-eval's
+    arc_easy / arc_challenge template `Question: <question>\nAnswer:`, no header, k-shot examples joined by a
+    blank line (lm-eval's fewshot_delimiter)."""
+    if template not in ("header", "question"):
+        raise ValueError(f"cloze template must be 'header' or 'question', got {template!r}")
+    lead = "Question: " if template == "question" else ""
+    out = subject_header(q.subject) if header and template == "header" else ""
     for ex in fewshot:
-        out += f"{ex.question.strip()}\nAnswer: {ex.choices[ex.answer]}\n\n"
+        out += f"{lead}{ex.question.strip()}\nAnswer: {ex.choices[ex.answer]}\n\n"
     out += passages_block(passages or [])
-    return out + f"{q.question.strip()}\nAnswer:"
+    return out + f"{lead}{q.question.strip()}\nAnswer:"
 
 
 def accuracy(preds: Sequence[Prediction]) -> dict:
