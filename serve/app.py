@@ -1,16 +1,20 @@
 """The stemqa Serve app: a FastAPI ingress in front of the scorer (the LM) and the retriever (FAISS index).
 
-    POST /v1/mcqa   {question, choices[], use_rag=true, top_k, subject}
-                    -> {answer, probabilities {A: p, ...}, passages [{text, source, score}], model, latency_ms}
+    POST /v1/mcqa   {question, choices[], use_rag=true, top_k, subject, scoring}
+                    -> {answer, unsure, confidence, dev_accuracy, mode, probabilities {A: p, ...}, calibration,
+                        passages [{text, source, score}], model, usage {tokens}, latency_ms}
+                    answered in the served answer mode (serve.mode_params: fitted on dev, calibrated, with an
+                    "unsure" threshold) or the mode `scoring` names (serve/schemas.py MCQAResponse)
     POST /v1/completions       OpenAI-compatible (prompt as text or token ids, max_tokens, temperature, top_p,
                                stop, logprobs, echo): enough for lm-eval-harness's `local-completions` model
     POST /v1/chat/completions  OpenAI-compatible, `stream: true` sends server-sent events
     GET  /v1/models            OpenAI-style model list
     GET  /healthz              200 when the scorer answers, 503 otherwise (no API key needed)
+    GET  /openapi.json         the OpenAPI schema (with the API key when one is set)
     GET  /                     the web page for students (static/index.html, no CDN)
 
-`build_app(cfg, model_dir, index_dir)` returns the Serve application; `app_builder(args)` is the same for
-`serve run serve/config.yaml` / `serve deploy`. The API key is read from the environment variable named by
+`build_app(cfg, model_dir, index_dir, mode_params)` returns the Serve application; `app_builder(args)` is the
+same for `serve run serve/config.yaml` / `serve deploy`. The API key is read from the environment variable named by
 `serve.api_key_env` when the app is built; only its SHA-256 travels to the replicas. Errors are JSON
 {"error", "field"} with a 4xx naming the field (serve/schemas.py).
 
@@ -37,10 +41,12 @@ from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from serve.deployments import Retriever, Scorer, quiet_logging, retriever_options, scorer_options, threads_for
-from serve.schemas import (ApiError, ChatRequest, CompletionRequest, MCQARequest, check_mcqa, check_messages,
-                           check_prompts, check_stop, parse_body, read_limited, validation_error)
+from serve.schemas import (ApiError, ChatRequest, CompletionRequest, MCQARequest, MCQAResponse, check_mcqa,
+                           check_messages, check_prompts, check_stop, parse_body, read_limited, scoring_params,
+                           validation_error)
 from stemqa.config import StemqaConfig
 from stemqa.data.mcq import LETTERS
+from stemqa.eval.modes import ModeParams
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -49,7 +55,14 @@ STATIC = Path(__file__).resolve().parent / "static"
 # replica (or waits for the replacement it is starting).
 REPLICA_GONE = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
 
-api = FastAPI(title="stemqa", description="STEM multiple-choice study assistant", docs_url=None, redoc_url=None)
+# openapi_url=None: the schema is served by a route of the ingress, behind the API key like every other route
+api = FastAPI(title="stemqa", description="STEM multiple-choice study assistant", docs_url=None, redoc_url=None,
+              openapi_url=None)
+
+# The routes read the raw body (auth before parsing, serve/schemas.py), so FastAPI cannot see their models: the
+# schema names them here.
+MCQA_OPENAPI = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": MCQARequest.model_json_schema()}}}}
 
 
 @api.exception_handler(RequestValidationError)
@@ -97,6 +110,9 @@ async def sse_chunks(head: dict, pieces) -> AsyncIterator[str]:
 class Ingress:
     def __init__(self, scorer: DeploymentHandle, retriever: Optional[DeploymentHandle], settings: dict):
         self.scorer, self.retriever, self.settings = scorer, retriever, settings
+        # the served answer mode; `fitted`: it came from serve.mode_params (else bare letter scoring)
+        self.mode_params = ModeParams.model_validate(settings.get("mode_params") or {})
+        self.fitted = bool(settings.get("mode_params"))
         self.retries = 0  # calls sent again after a replica failure (stats)
 
     # --- helpers ------------------------------------------------------------------------------------------
@@ -150,7 +166,12 @@ class Ingress:
         except Exception as e:  # timeout, dead or restarting replica: unhealthy, not a 500
             return JSONResponse({"status": "unavailable", "error": type(e).__name__}, status_code=503)
         return {"status": "ok", "model": self.settings["model_id"], "rag": self.retriever is not None,
-                "max_length": info["max_length"], "retries": self.retries}
+                "mode": self.mode_params.label(), "max_length": info["max_length"], "retries": self.retries}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        self._authorize(request)
+        return api.openapi()
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -158,11 +179,12 @@ class Ingress:
         return {"object": "list", "data": [{"id": self.settings["model_id"], "object": "model",
                                             "owned_by": "stemqa", "created": self.settings["created"]}]}
 
-    @api.post("/v1/mcqa")
+    @api.post("/v1/mcqa", openapi_extra=MCQA_OPENAPI, responses={200: {"model": MCQAResponse}})
     async def mcqa(self, request: Request):
         start = time.perf_counter()
         body = await self._body(request, MCQARequest)
         check_mcqa(body, self.settings["max_choices"], self.settings["max_text_chars"])
+        params = scoring_params(body.scoring, self.mode_params)
         passages: list[dict] = []
         if body.use_rag and self.retriever is None and "use_rag" in body.model_fields_set:
             raise ApiError(400, "use_rag", "this server has no RAG index; send use_rag=false")
@@ -171,13 +193,24 @@ class Ingress:
             k = body.top_k or self.settings["top_k"]
             passages = await self._call(lambda: self.retriever.search.remote(body.question, k))
         result = await self._call(lambda: self.scorer.mcqa.remote(body.question, body.choices, body.subject,
-                                                                  passages))
-        used = result["passages"]
+                                                                  passages, params.model_dump()))
+        probs, unsure = result["probabilities"], result["unsure"]
+        fitted = self.fitted and params is self.mode_params
         return {
             "answer": result["answer"],
-            "probabilities": {LETTERS[i]: p for i, p in enumerate(result["probabilities"])},
-            "passages": [{"text": p["text"], "source": p.get("source"), "score": p.get("score")} for p in used],
+            "unsure": unsure,
+            "confidence": max(probs),
+            # how often it was right on dev on this side of the threshold: what "unsure" means for this answer
+            "dev_accuracy": None if unsure is None else
+            params.accuracy_when_unsure if unsure else params.accuracy_when_sure,
+            "mode": result["mode"],
+            "probabilities": {LETTERS[i]: p for i, p in enumerate(probs)},
+            "calibration": params.model_dump(include={"temperature", "unsure_below", "accuracy_when_unsure",
+                                                      "accuracy_when_sure", "model", "fitted_on"}) if fitted else None,
+            "passages": [{"text": p["text"], "source": p.get("source"), "score": p.get("score")}
+                         for p in result["passages"]],
             "model": self.settings["model_id"],
+            "usage": {"tokens": result["tokens"]},
             "latency_ms": round((time.perf_counter() - start) * 1000, 2),
         }
 
@@ -237,13 +270,25 @@ def api_key_hash(env_var: str) -> Optional[str]:
     return hashlib.sha256(key.encode()).hexdigest() if key else None
 
 
-def build_app(cfg: StemqaConfig, model_dir: str, index_dir: Optional[str] = None):
-    """The Serve application: Ingress -> Scorer (autoscaled, batched) [+ Retriever when index_dir is given]."""
+def served_mode(path: Optional[str]) -> Optional[dict]:
+    """The answer mode file (serve.mode_params) as a dict for the replicas (they may run where the file is not)."""
+    if not path:
+        return None
+    try:
+        return ModeParams.load(path).model_dump()
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"serve.mode_params: {e}") from None
+
+
+def build_app(cfg: StemqaConfig, model_dir: str, index_dir: Optional[str] = None, mode_params: Optional[str] = None):
+    """The Serve application: Ingress -> Scorer (autoscaled, batched) [+ Retriever when index_dir is given].
+    `mode_params` (default serve.mode_params): the fitted answer mode /v1/mcqa answers in."""
     s = cfg.serve
+    mode = served_mode(mode_params or s.mode_params)
     scorer = Scorer.options(**scorer_options(cfg)).bind(
         model_dir, s.max_batch_size, s.batch_wait_timeout_s, threads_for(s.cpus_per_replica),
         cfg.rag.token_budget, cfg.eval.subject_header, cfg.model.dtype, cfg.model.trust_remote_code,
-        s.gen_batch_wait_timeout_s, s.max_request_tokens, s.echo_chunk_tokens)
+        s.gen_batch_wait_timeout_s, s.max_request_tokens, s.echo_chunk_tokens, mode)
     retriever = None
     if index_dir:
         retriever = Retriever.options(**retriever_options(cfg)).bind(
@@ -252,7 +297,7 @@ def build_app(cfg: StemqaConfig, model_dir: str, index_dir: Optional[str] = None
                 "max_text_chars": s.max_text_chars, "top_k": cfg.rag.top_k, "max_new_tokens": s.max_new_tokens,
                 "api_key_sha256": api_key_hash(s.api_key_env), "max_request_bytes": s.max_request_bytes,
                 "max_prompts": s.max_prompts, "max_messages": s.max_messages, "retry_attempts": s.retry_attempts,
-                "retry_deadline_s": s.retry_deadline_s}
+                "retry_deadline_s": s.retry_deadline_s, "mode_params": mode}
     actor = {"num_cpus": s.ingress_cpus}
     if s.ingress_resource:
         actor["resources"] = {s.ingress_resource: 0.001}
@@ -263,10 +308,10 @@ def build_app(cfg: StemqaConfig, model_dir: str, index_dir: Optional[str] = None
 
 
 def app_builder(args: dict):
-    """For `serve run serve/config.yaml`: args {config, model, index, run, set: [a.b=v, ...]}."""
+    """For `serve run serve/config.yaml`: args {config, model, index, run, mode_params, set: [a.b=v, ...]}."""
     from serve.sources import resolve_sources
     from stemqa.config import load_config
 
     cfg = load_config(args.get("config") or "demo", args.get("set") or [])
     model_dir, index_dir = resolve_sources(cfg, args.get("model"), args.get("index"), args.get("run"))
-    return build_app(cfg, model_dir, index_dir)
+    return build_app(cfg, model_dir, index_dir, args.get("mode_params"))

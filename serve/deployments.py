@@ -1,7 +1,8 @@
 """The two model-holding Serve deployments: the scorer/generator (the LM) and the retriever (embedder + FAISS).
 
 Both batch concurrent calls with `@serve.batch`: the scorer takes up to `serve.max_batch_size` questions at
-once and scores them in as few forward passes as keeps left-padding under 10% (`length_groups`), and as many
+once and scores those of one answer mode together, in as few scoring calls as keeps left-padding under 10%
+(`length_groups`); every mode is `MCQScorer.score`, the scorer `stemqa eval` runs. It takes as many
 unseeded generation requests (/v1/completions without echo, non-streamed chat) into one `generate`; the
 retriever embeds up to as many queries at once. The batch sizes are set from the config when a replica
 starts. `stats()` tells a benchmark or test the replica's pid, torch threads and batch sizes seen.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
+from typing import Optional
 
 from ray import serve
 
@@ -57,9 +59,10 @@ class Scorer:
     def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float, threads: int,
                  passage_token_budget: int, header: bool = True, dtype: str = "auto",
                  trust_remote_code: bool = False, gen_batch_wait_timeout_s: float = 0.2,
-                 max_request_tokens: int = 16_384, echo_chunk_tokens: int = 512):
+                 max_request_tokens: int = 16_384, echo_chunk_tokens: int = 512, mode_params: Optional[dict] = None):
         import torch
 
+        from stemqa.eval.modes import ModeParams
         from stemqa.eval.scorer import MCQScorer
         from stemqa.models import load_causal_lm, load_tokenizer
 
@@ -74,6 +77,8 @@ class Scorer:
         self.generator = Generator(self.model, self.tok, self.scorer, echo_chunk_tokens)
         self.header, self.passage_token_budget = header, passage_token_budget
         self.max_request_tokens = max_request_tokens
+        # the served answer mode (serve.mode_params, read where the app was built); a request may name another
+        self.mode_params = ModeParams.model_validate(mode_params or {})
         # Echo scoring and seeded sampling run outside the batches, one request at a time per replica: each is
         # bounded by the token budget, and two at once would only split the same CPUs and double the memory.
         self._alone = asyncio.Semaphore(1)
@@ -81,9 +86,12 @@ class Scorer:
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._generate_batch.set_max_batch_size(max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(gen_batch_wait_timeout_s)
-        # for stats() (benchmarks, tests): requests per @serve.batch call, and scoring forward passes
+        # for stats() (benchmarks, tests): requests per @serve.batch call; scoring calls, one per (mode, length
+        # group): a letter-mode call is one forward pass (up to max_batch_size questions), cloze and permute more
         self.batch_sizes: Counter = Counter()
         self.forward_passes = 0
+        self.mode_calls: Counter = Counter()  # scoring calls per answer mode
+        self.mode_items: Counter = Counter()  # questions scored per answer mode
         self.gen_batch_sizes: Counter = Counter()  # generation requests per @serve.batch call
         self.generate_calls = 0  # model.generate calls they took
 
@@ -94,6 +102,7 @@ class Scorer:
         """This replica's process id, torch threads (as the scoring thread sees them), batch sizes so far."""
         gen = self.gen_batch_sizes
         return dict(await _replica_stats(self.batch_sizes), forward_passes=self.forward_passes,
+                    mode_calls=dict(self.mode_calls), mode_items=dict(self.mode_items),
                     gen_batch_sizes=dict(sorted(gen.items())), gen_items=sum(k * v for k, v in gen.items()),
                     generate_calls=self.generate_calls)
 
@@ -102,29 +111,37 @@ class Scorer:
         if self.model is None:
             raise RuntimeError("model not loaded")
 
-    async def mcqa(self, question: str, choices: list[str], subject: str, passages: list[dict]) -> dict:
-        """Letter probabilities for one question; concurrent calls are scored in one batch.
+    async def mcqa(self, question: str, choices: list[str], subject: str, passages: list[dict],
+                   mode_params: Optional[dict] = None) -> dict:
+        """One question answered in an answer mode (`mode_params`, a ModeParams dict; default: the served one);
+        concurrent calls of the same mode are scored in one batch.
 
         `passages` (retrieved, best first) are cut to rag.token_budget model tokens exactly as the
         evaluator does (`passages_within_budget`); the ones used come back under "passages", the prompt scored
-        under "prompt".
+        (permute: unrotated) under "prompt", the input tokens its forward passes read under "tokens".
         """
         from stemqa.data.mcq import MCQ
-        from stemqa.data.prompt import harness_prompt
+        from stemqa.eval.modes import ModeParams
         from stemqa.rag import Passage, passages_within_budget
 
+        params = self.mode_params if mode_params is None else ModeParams.model_validate(mode_params)
         record = MCQ(id="request", subject=subject, question=question, choices=list(choices), answer=0, source="api")
         used = passages_within_budget([Passage(**p) for p in passages], self.tok, self.passage_token_budget)
         texts = [p.text for p in used]
-        prompt = harness_prompt(record, header=self.header, passages=texts)
-        # Checked here, before batching, so one over-long request fails alone instead of its whole batch.
-        n_tokens = len(self.tok(prompt)["input_ids"])
-        if n_tokens + 1 > self.scorer.max_length:
-            raise ApiError(413, "question", f"the prompt is {n_tokens} tokens, over the model's context of "
+        # Checked here, before batching, so one over-long or over-budget request fails alone, not its whole batch.
+        cost = self.scorer.cost(record, params, header=self.header, passages=texts)
+        if cost.longest > self.scorer.max_length:
+            raise ApiError(413, "question", f"the prompt is {cost.longest - 1} tokens, over the model's context of "
                            f"{self.scorer.max_length}")
-        pred = await self._score_batch((record, texts, n_tokens))
+        if cost.tokens > self.max_request_tokens:
+            # permute's passes are what multiply the cost; a letter or cloze request over it is its text
+            raise ApiError(413, "scoring" if params.mode == "permute" else "question",
+                           f"scoring {params.label()} reads {cost.tokens} tokens for this question, over this "
+                           f"server's serve.max_request_tokens of {self.max_request_tokens}")
+        pred = await self._score_batch((record, texts, cost.longest, params))
         return {"answer": pred.pred, "probabilities": pred.probabilities, "loglikelihoods": pred.loglikelihoods,
-                "passages": [p.to_dict() for p in used], "prompt": prompt}
+                "scores": pred.scores, "unsure": pred.unsure, "mode": pred.mode,
+                "passages": [p.to_dict() for p in used], "prompt": cost.prompt, "tokens": cost.tokens}
 
     # --- OpenAI-compatible generation -------------------------------------------------------------------
     def _check_prompt(self, field: str, ids: list[int], max_tokens: int) -> int:
@@ -212,15 +229,23 @@ class Scorer:
         return out
 
     def _score_grouped(self, items: list[tuple]) -> list:
-        """Score (record, passages, n_tokens) items: one forward pass per group of similar prompt lengths."""
+        """Score (record, passages, longest sequence, ModeParams) items: per answer mode, one scoring call per
+        group of similar lengths (the scorer itself runs a mode's passes: `MCQScorer.score`)."""
         preds: list = [None] * len(items)
-        groups = length_groups([n for _, _, n in items])
-        self.forward_passes += len(groups)
-        for group in groups:
-            out = self.scorer.score([items[i][0] for i in group], "letter", (), self.header,
-                                    [items[i][1] for i in group])
-            for i, pred in zip(group, out):
-                preds[i] = pred
+        modes: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            modes.setdefault(item[3].model_dump_json(), []).append(i)
+        for members in modes.values():
+            params = items[members[0]][3]
+            for group in length_groups([items[i][2] for i in members]):
+                idx = [members[j] for j in group]
+                self.forward_passes += 1
+                self.mode_calls[params.label()] += 1
+                self.mode_items[params.label()] += len(idx)
+                out = self.scorer.score([items[i][0] for i in idx], params, (), self.header,
+                                        [items[i][1] for i in idx])
+                for i, pred in zip(idx, out):
+                    preds[i] = pred
         return preds
 
 

@@ -9,9 +9,11 @@ Every error body has one shape: {"error": message, "field": "choices[2]"}.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from stemqa.eval.modes import CLOZE_LABELS, MODES, ModeParams, as_params
 
 
 class ApiError(Exception):
@@ -36,6 +38,10 @@ SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4)
 
 
+# /v1/mcqa's `scoring`: the four modes and the cloze variants' labels (ModeParams.label())
+SCORING = MODES + tuple(CLOZE_LABELS)
+
+
 class MCQARequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -44,6 +50,58 @@ class MCQARequest(BaseModel):
     use_rag: bool = Field(True, description="Put retrieved passages before the question (when an index is served).")
     top_k: Optional[int] = Field(None, ge=1, le=50, description="Passages to retrieve; default: rag.top_k.")
     subject: str = Field("science", max_length=100, description="Subject named in the prompt's header line.")
+    scoring: Optional[Literal[SCORING]] = Field(
+        None, description="Answer mode (stemqa/eval/modes.py). Default: the served mode (serve.mode_params, fitted on "
+        "dev: calibrated, with an 'unsure' threshold), else letter. The served mode's name (or its label, e.g. "
+        "cloze_question) gets its fitted parameters; another mode is answered uncalibrated (temperature 1, "
+        "`unsure` null). letter_debiased needs the served letter prior (422 naming `scoring` without it). "
+        "permute reads one prompt per option, cloze the question then each option: both count against "
+        "serve.max_request_tokens.")
+
+
+class PassageOut(BaseModel):
+    text: str
+    source: Optional[str] = None
+    score: Optional[float] = Field(None, description="Similarity of the passage to the question.")
+
+
+class Calibration(BaseModel):
+    """The served mode's fitted parameters (serve.mode_params) that shaped this answer."""
+
+    temperature: float = Field(description="probabilities = softmax(scores / temperature), fitted on dev.")
+    unsure_below: Optional[float] = Field(description="A top probability below this is answered 'unsure'.")
+    accuracy_when_unsure: Optional[float] = Field(description="Dev accuracy of the questions under the threshold.")
+    accuracy_when_sure: Optional[float] = Field(description="Dev accuracy of the questions at or over it.")
+    model: str = Field(description="The model the parameters were fitted for.")
+    fitted_on: str = Field(description="The dev data they were fitted on.")
+
+
+class Usage(BaseModel):
+    tokens: int = Field(description="Input tokens the answer mode's forward passes read (letter: the prompt; "
+                        "permute: the prompt once per permutation; cloze: the question, then each option), counted "
+                        "against serve.max_request_tokens.")
+
+
+class MCQAResponse(BaseModel):
+    """What /v1/mcqa answers (documentation: the route builds it as a dict)."""
+
+    answer: str = Field(description="Letter of the option with the highest probability. When `unsure` is true the "
+                        "assistant does not give it as the answer: show every option with its probability instead.")
+    unsure: Optional[bool] = Field(description="The calibrated top probability (`confidence`) is under the served "
+                                   "mode's 'unsure' threshold; null when the mode answered in has no threshold.")
+    confidence: float = Field(description="The top probability, i.e. probabilities[answer].")
+    dev_accuracy: Optional[float] = Field(
+        description="How often the model, in this mode, was right on the dev questions on this side of the threshold "
+        "(under it when unsure, at or over it otherwise); null without a fitted threshold.")
+    mode: str = Field(description="The answer mode used: letter, cloze (cloze_question, cloze_acc, ...), "
+                      "letter_debiased, permute (permuteK when it uses K permutations).")
+    probabilities: dict[str, float] = Field(description="Per option letter, softmax(scores / temperature).")
+    calibration: Optional[Calibration] = Field(
+        description="The fitted parameters of the served mode; null when the request's `scoring` chose another.")
+    passages: list[PassageOut] = Field(description="Retrieved passages put before the question, best first.")
+    model: str = Field(description="The served model's id.")
+    usage: Usage = Field(description="What answering cost.")
+    latency_ms: float = Field(description="Time in the app, from the request's arrival to the answer.")
 
 
 class CompletionRequest(BaseModel):
@@ -99,6 +157,17 @@ def check_mcqa(req: MCQARequest, max_choices: int, max_chars: int) -> None:
         raise ApiError(422, "choices", f"has {len(req.choices)} options, more than the {max_choices} allowed")
     for i, choice in enumerate(req.choices):
         _check_text(f"choices[{i}]", choice, max_chars)
+
+
+def scoring_params(scoring: Optional[str], served: ModeParams) -> ModeParams:
+    """The parameters a /v1/mcqa request is answered with: the served ones (serve.mode_params) when it names none or
+    their mode, else the bare mode it names (temperature 1, no 'unsure' threshold)."""
+    if scoring is None or scoring in (served.mode, served.label()):
+        return served
+    if scoring == "letter_debiased":
+        raise ApiError(422, "scoring", f"'letter_debiased' needs a letter prior fitted on dev (serve.mode_params of "
+                       f"mode letter_debiased); this server answers in {served.label()!r} and has none")
+    return as_params(scoring)
 
 
 MAX_DETAILS = 10  # validation errors listed in one answer (a list of 64 bad prompts makes hundreds)

@@ -1,8 +1,9 @@
 """The Serve app over real HTTP: one deployment (tiny Qwen3 + a tiny real FAISS index) for the module.
 
 Deploying costs ~20-40 s on 2 CPUs (replica start-up), so every test here shares one app on port
-$STEMQA_TEST_SERVE_PORT (8123), deployed with an API key in the environment; requests carry the key unless a
-test is about the key. The last two tests redeploy it (autoscaling, a killed replica) and run last.
+$STEMQA_TEST_SERVE_PORT (8123), deployed with an API key in the environment and a fitted answer mode
+(serve.mode_params: letter_debiased, see `served_mode`); requests carry the key unless a test is about the key.
+The last tests redeploy it (autoscaling, a killed replica, no mode parameters) and run last.
 """
 import asyncio
 import json
@@ -27,9 +28,59 @@ QUESTIONS = [
 ]
 
 
+# The web page's two questions: the issue's example (the demo painted "C. Nitrogen" green at 31.9% against
+# "A. Oxygen" at 31.8%), which must show "unsure", and a two-option one, answered.
+UNSURE_Q = ("Which gas do plants absorb for photosynthesis?", ["Oxygen", "Carbon dioxide", "Nitrogen", "Hydrogen"])
+SURE_Q = QUESTIONS[3]
+
+
 @pytest.fixture(scope="module")
-def served(ray_local, tiny_model, tmp_path_factory):
-    """The app and what it serves: {url, cfg, index_dir}. rag.token_budget is below two whole passages, so
+def local_scorer(tiny_model):
+    """The one scorer in-process (what `stemqa eval` runs), on the served model."""
+    from stemqa.eval.scorer import MCQScorer
+    from stemqa.models import load_causal_lm, load_tokenizer
+
+    return MCQScorer(load_causal_lm(tiny_model), load_tokenizer(tiny_model), batch_size=4)
+
+
+def records_of(questions, subject="science"):
+    from stemqa.data.mcq import MCQ
+
+    return [MCQ(f"q{i}", subject, q, c, 0, "test") for i, (q, c) in enumerate(questions)]
+
+
+def served_mode(scorer, header: bool, path):
+    """The answer mode the module's app serves: letter_debiased, its PriDe prior fitted by `fit_mode` on 16 sample
+    ARC-Easy dev questions. The temperature fitted with it is the search's bound (1000: every answer flattened to
+    uniform, the honest calibration of a random model), so the served one is set to 0.2 for a page with something
+    to show; the 'unsure' threshold goes between the calibrated confidences of the page's two questions (one
+    answered, one unsure), and the dev accuracy on either side of it comes from the dev predictions."""
+    from stemqa.data.mcq import load_file
+    from stemqa.data.paths import SAMPLE_DATA
+    from stemqa.eval.fit import fit_mode
+    from stemqa.eval.scorer import predict
+
+    dev = load_file(SAMPLE_DATA / "mcq/arc/ARC-Easy-dev.jsonl", "arc_jsonl", limit=16)[0]
+    fitted, _, preds = fit_mode(scorer, "letter_debiased", dev, model="tiny-qwen3",
+                                fitted_on="ARC-Easy dev (16, sample)", header=header)
+    params = fitted.model_copy(update=dict(temperature=0.2))
+    unsure, sure = (max(p.probabilities) for p in scorer.score(records_of([UNSURE_Q, SURE_Q]), params, header=header))
+    assert unsure < sure, (unsure, sure)
+    threshold = round((unsure + sure) / 2, 6)
+    dev_preds = [predict(p.id, p.subject, p.gold, p.loglikelihoods, p.scores, params) for p in preds]
+    below = [p.pred == p.gold for p in dev_preds if max(p.probabilities) < threshold]
+    above = [p.pred == p.gold for p in dev_preds if max(p.probabilities) >= threshold]
+    assert below, "no dev question under the threshold: the page would have no dev accuracy to show"
+    params = params.model_copy(update=dict(
+        unsure_below=threshold, accuracy_when_unsure=sum(below) / len(below),
+        accuracy_when_sure=sum(above) / len(above) if above else None))
+    params.save(path)
+    return params
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tiny_model, local_scorer, tmp_path_factory):
+    """The app and what it serves: {url, cfg, index_dir, params}. rag.token_budget is below two whole passages, so
     retrieved passages are cut (the cut is what serving and evaluation must agree on)."""
     from ray import serve
 
@@ -37,11 +88,15 @@ def served(ray_local, tiny_model, tmp_path_factory):
     from stemqa.data.paths import SAMPLE_DATA
     from stemqa.rag import build_index
 
+    work = tmp_path_factory.mktemp("served")
     cfg = load_config("demo", [f"serve.port={PORT}", "serve.autoscaling.max_replicas=1",
-                               "serve.cpus_per_replica=0.5", "rag.top_k=2", "rag.token_budget=200"])
+                               "serve.cpus_per_replica=0.5", "rag.top_k=2", "rag.token_budget=200",
+                               f"serve.mode_params={work / 'mode_params.json'}"])
+    params = served_mode(local_scorer, cfg.eval.subject_header, cfg.serve.mode_params)
     cfg.rag.corpus = [cfg.rag.corpus[0].model_copy(update={"limit": 30})]
-    index_dir = build_index(cfg.rag, SAMPLE_DATA, tmp_path_factory.mktemp("index") / "index")
-    yield {"url": deploy_with_key(cfg, tiny_model, str(index_dir)), "cfg": cfg, "index_dir": str(index_dir)}
+    index_dir = build_index(cfg.rag, SAMPLE_DATA, work / "index")
+    yield {"url": deploy_with_key(cfg, tiny_model, str(index_dir)), "cfg": cfg, "index_dir": str(index_dir),
+           "params": params}
     serve.shutdown()
     from conftest import ARTIFACTS
 
@@ -73,8 +128,8 @@ def post(url, body, headers=AUTH, **kw):
     return httpx.post(f"{url}/v1/mcqa", json=body, headers=headers, timeout=60, **kw)
 
 
-def test_mcqa_answers_with_probabilities_and_passages(app_url):
-    r = post(app_url, {"question": QUESTIONS[0][0], "choices": QUESTIONS[0][1], "top_k": 2})
+def test_mcqa_answers_with_probabilities_and_passages(served):
+    r = post(served["url"], {"question": QUESTIONS[0][0], "choices": QUESTIONS[0][1], "top_k": 2})
     assert r.status_code == 200, r.text
     out = r.json()
     assert set(out["probabilities"]) == {"A", "B", "C", "D"}
@@ -86,29 +141,60 @@ def test_mcqa_answers_with_probabilities_and_passages(app_url):
     for p in out["passages"]:
         assert p["text"].strip() and p["source"] and -1.0 <= p["score"] <= 1.0
     assert out["passages"][0]["score"] >= out["passages"][-1]["score"]
+    # answered in the served mode, with its fitted parameters
+    params = served["params"]
+    assert out["mode"] == "letter_debiased"
+    assert out["confidence"] == out["probabilities"][out["answer"]]
+    assert out["unsure"] == (out["confidence"] < params.unsure_below)
+    assert out["dev_accuracy"] == (params.accuracy_when_unsure if out["unsure"] else params.accuracy_when_sure)
+    assert out["calibration"] == {"temperature": params.temperature, "unsure_below": params.unsure_below,
+                                  "accuracy_when_unsure": params.accuracy_when_unsure,
+                                  "accuracy_when_sure": params.accuracy_when_sure, "model": "tiny-qwen3",
+                                  "fitted_on": "ARC-Easy dev (16, sample)"}
+    assert out["usage"]["tokens"] > 0
 
 
-def test_mcqa_matches_the_scorer_in_a_batch(app_url, tiny_model):
-    """Concurrent requests (batched by @serve.batch) give the same answers as MCQScorer in-process."""
-    from stemqa.data.mcq import MCQ
-    from stemqa.eval.scorer import MCQScorer
-    from stemqa.models import load_causal_lm, load_tokenizer
+def test_mcqa_matches_the_scorer_in_every_mode(served, local_scorer):
+    """Concurrent requests in every mode, mixed in the same @serve.batch calls: each answer is the in-process
+    scorer's (the one `stemqa eval` runs) in that mode; the served mode's with its fitted parameters and "unsure"
+    flag, another mode's uncalibrated (temperature 1, no threshold, no calibration)."""
+    from stemqa.eval.modes import as_params
+
+    params = served["params"]
+    modes = [None, "letter", "letter_debiased", "cloze", "cloze_question", "permute"]
+    jobs = [(m, q, c) for m in modes for q, c in QUESTIONS]
 
     async def ask_all():
-        async with httpx.AsyncClient(timeout=60) as client:
+        async with httpx.AsyncClient(timeout=120) as client:
             return await asyncio.gather(*[
-                client.post(f"{app_url}/v1/mcqa", headers=AUTH,
-                            json={"question": q, "choices": c, "use_rag": False}) for q, c in QUESTIONS])
+                client.post(f"{served['url']}/v1/mcqa", headers=AUTH,
+                            json={"question": q, "choices": c, "use_rag": False,
+                                  **({"scoring": m} if m else {})}) for m, q, c in jobs])
 
+    before = _scorer_stats()
     responses = asyncio.run(ask_all())
+    after = _scorer_stats()
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
-    scorer = MCQScorer(load_causal_lm(tiny_model), load_tokenizer(tiny_model), batch_size=1)
-    records = [MCQ(f"q{i}", "science", q, c, 0, "test") for i, (q, c) in enumerate(QUESTIONS)]
-    for pred, r in zip(scorer.score(records), responses):
-        out = r.json()
-        assert out["passages"] == []
-        assert out["answer"] == pred.pred
-        assert list(out["probabilities"].values()) == pytest.approx(pred.probabilities, abs=1e-4)
+    header = served["cfg"].eval.subject_header
+    for m in modes:
+        mode = params if m in (None, "letter_debiased") else as_params(m)
+        records = records_of(QUESTIONS)
+        preds = local_scorer.score(records, mode, header=header)
+        outs = [r.json() for r, (jm, _, _) in zip(responses, jobs) if jm == m]
+        for record, pred, out in zip(records, preds, outs):
+            assert out["mode"] == pred.mode == mode.label()
+            assert out["passages"] == []
+            assert out["answer"] == pred.pred, m
+            assert list(out["probabilities"].values()) == pytest.approx(pred.probabilities, abs=1e-4)
+            assert out["unsure"] == pred.unsure
+            assert out["usage"]["tokens"] == local_scorer.cost(record, mode, header=header).tokens
+            if mode is params:
+                assert out["unsure"] is not None and out["calibration"]["temperature"] == params.temperature
+            else:
+                assert out["unsure"] is None and out["calibration"] is None and out["dev_accuracy"] is None
+    # every mode's questions were scored by the replica in that mode
+    for label, n in {"letter_debiased": 8, "letter": 4, "cloze": 4, "cloze_question": 4, "permute": 4}.items():
+        assert after["mode_items"].get(label, 0) - before["mode_items"].get(label, 0) == n, label
 
 
 def test_api_key_required(app_url):
@@ -187,6 +273,105 @@ def test_scorer_stats_count_the_requests(app_url):
     assert after["items"] - before["items"] == 6
     assert 1 <= after["forward_passes"] - before["forward_passes"] <= 6
     assert after["torch_threads"] == 1 and after["pid"] > 0  # serve.cpus_per_replica=0.5 -> 1 thread
+
+
+def test_concurrent_requests_of_one_mode_are_scored_together(app_url):
+    """8 cloze requests sent at once share scoring calls (fewer calls than questions), as letter requests do."""
+    before = _scorer_stats()
+
+    async def together():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[client.post(f"{app_url}/v1/mcqa", headers=AUTH, json={
+                "question": QUESTIONS[0][0], "choices": QUESTIONS[0][1], "use_rag": False, "scoring": "cloze"})
+                for _ in range(8)])
+
+    responses = asyncio.run(together())
+    after = _scorer_stats()
+    assert all(r.status_code == 200 and r.json()["mode"] == "cloze" for r in responses), [r.text for r in responses]
+    assert len({json.dumps(r.json()["probabilities"]) for r in responses}) == 1  # the same answer in any batch
+    assert after["mode_items"]["cloze"] - before["mode_items"].get("cloze", 0) == 8
+    assert after["mode_calls"]["cloze"] - before["mode_calls"].get("cloze", 0) < 8  # some shared a call
+
+
+def test_scoring_params_without_a_server():
+    """Which parameters a request's `scoring` gets: the served ones for their mode, else the bare mode; a
+    letter_debiased request to a server without a letter prior is a 422 naming `scoring`."""
+    from serve.schemas import scoring_params
+    from stemqa.eval.modes import ModeParams
+
+    served = ModeParams(mode="cloze", cloze_template="question", temperature=2.0, unsure_below=0.4)
+    assert scoring_params(None, served) is served
+    assert scoring_params("cloze", served) is served and scoring_params("cloze_question", served) is served
+    assert scoring_params("cloze_acc", served) == ModeParams(mode="cloze", cloze_norm="none")
+    assert scoring_params("permute", served) == ModeParams(mode="permute")
+    with pytest.raises(ApiError) as e:
+        scoring_params("letter_debiased", served)
+    assert e.value.status == 422 and e.value.field == "scoring" and "serve.mode_params" in e.value.message
+    debiased = ModeParams(mode="letter_debiased", letter_prior={2: [0.6, 0.4]})
+    assert scoring_params("letter_debiased", debiased) is debiased
+    assert scoring_params("letter", debiased) == ModeParams()
+
+
+def test_a_mode_costs_the_tokens_its_forward_passes_read(local_scorer):
+    """MCQScorer.cost, what the budget counts, is what the scorer's forward passes read (without the shared-prefix
+    cache, which only saves): counted here on the model's inputs, every mode, with passages."""
+    from stemqa.eval.scorer import MCQScorer
+
+    scorer = MCQScorer(local_scorer.model, local_scorer.tok, batch_size=3, prefix_cache=False)
+    read = [0]
+
+    def count(module, args, kwargs):  # the real (unpadded) input tokens of each forward pass
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        read[0] += int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel()
+
+    hook = scorer.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        for q in records_of([UNSURE_Q, QUESTIONS[2]]):
+            for mode in ("letter", "cloze", "cloze_question", "permute"):
+                read[0] = 0
+                scorer.score([q], mode, passages=[["Plants take in carbon dioxide and give out oxygen."]])
+                cost = scorer.cost(q, mode, passages=["Plants take in carbon dioxide and give out oxygen."])
+                assert read[0] == cost.tokens, (q.question, mode)
+            assert scorer.cost(q, "permute").tokens > (len(q.choices) - 1) * scorer.cost(q, "letter").tokens
+    finally:
+        hook.remove()
+
+
+def test_permute_over_the_token_budget_is_413_naming_it(served, local_scorer):
+    """A 26-option question fits the model's context once (letter, cloze: 200) but not 26 times (permute: 413
+    naming `scoring` and serve.max_request_tokens, with the count the scorer's passes would read)."""
+    question = "Which of these statements about the conservation of energy in a closed system is true?"
+    choices = [f"statement {i}: " + "energy moves between kinetic and potential forms " * 6 for i in range(26)]
+    record = records_of([(question, choices)])[0]
+    header = served["cfg"].eval.subject_header
+    body = {"question": question, "choices": choices, "use_rag": False}
+    for scoring in ("letter", "cloze"):
+        r = post(served["url"], {**body, "scoring": scoring})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["tokens"] == local_scorer.cost(record, scoring, header=header).tokens
+    before = _scorer_stats()
+    r = post(served["url"], {**body, "scoring": "permute"})
+    assert r.status_code == 413, r.text
+    needed = local_scorer.cost(record, "permute", header=header).tokens
+    assert needed > 16_384
+    assert r.json()["field"] == "scoring" and "serve.max_request_tokens of 16384" in r.json()["error"]
+    assert f"reads {needed} tokens" in r.json()["error"]
+    assert _scorer_stats()["mode_items"].get("permute", 0) == before["mode_items"].get("permute", 0)  # not scored
+
+
+def test_openapi_documents_the_mcqa_fields(app_url):
+    assert httpx.get(f"{app_url}/openapi.json", timeout=30).status_code == 401  # behind the key, like the routes
+    spec = httpx.get(f"{app_url}/openapi.json", headers=AUTH, timeout=30).json()
+    route = spec["paths"]["/v1/mcqa"]["post"]
+    request = route["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert request["scoring"]["anyOf"][0]["enum"][:4] == ["letter", "cloze", "letter_debiased", "permute"]
+    assert "served mode" in request["scoring"]["description"]
+    response = route["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+    fields = spec["components"]["schemas"][response]["properties"]
+    assert {"answer", "unsure", "confidence", "dev_accuracy", "mode", "probabilities", "calibration",
+            "usage"} <= set(fields)
+    assert all(f.get("description") for f in fields.values()), [k for k, f in fields.items() if not f.get("description")]
+    assert "threshold" in fields["unsure"]["description"] and "dev" in fields["dev_accuracy"]["description"]
 
 
 # --- OpenAI-compatible endpoints -------------------------------------------------------------------------
@@ -535,8 +720,7 @@ def test_random_bodies_over_http_never_get_a_5xx(app_url):
 CHROMIUM = os.environ.get("STEMQA_CHROMIUM", "/usr/bin/chromium")
 
 
-def test_web_page_in_headless_chromium(app_url):
-    """A student asks on the page: the answer, one confidence bar per option, passages with sources."""
+def need_chromium():
     from pathlib import Path
 
     if not Path(CHROMIUM).exists():
@@ -545,6 +729,13 @@ def test_web_page_in_headless_chromium(app_url):
         if os.environ.get("CI", "").lower() in ("1", "true"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+def test_web_page_in_headless_chromium(app_url):
+    """A student asks on the page: the answer, one confidence bar per option, passages with sources."""
+    from pathlib import Path
+
+    need_chromium()
     from playwright import sync_api
     from conftest import ARTIFACTS
 
@@ -559,8 +750,10 @@ def test_web_page_in_headless_chromium(app_url):
         page.fill("#question", "What is the SI unit of electric charge?")
         page.fill("#choices", "\n".join(choices))
         page.fill("#api_key", KEY)
+        page.select_option("#scoring", "letter")  # uncalibrated: never "unsure" (that page is the next test's)
         page.click("#submit")
         page.wait_for_selector("#answer", timeout=60_000)
+        assert page.inner_text("#mode") == "mode letter"
         answer = page.inner_text("#answer")
         assert answer[0] in "ABCD" and answer[3:] == choices["ABCD".index(answer[0])]
         bars = page.locator(".option .bar")
@@ -584,6 +777,79 @@ def test_web_page_in_headless_chromium(app_url):
                                timeout=60_000)
         browser.close()
     assert external == []
+
+
+GREEN = "rgb(31, 157, 85)"  # --good, the colour of a given answer
+
+
+def test_web_page_shows_the_mode_and_an_unsure_answer(served):
+    """In the served mode (fitted letter_debiased): a two-option question is answered (green, with the dev accuracy
+    at that confidence); the issue's photosynthesis question is "unsure": no answer, nothing green, every option
+    with its probability, the dev accuracy when this unsure. The mode is shown; a `scoring` override is too."""
+    need_chromium()
+    from playwright import sync_api
+    from conftest import ARTIFACTS
+
+    params, url = served["params"], served["url"]
+
+    def ask(page, question, choices):
+        page.fill("#question", question)
+        page.fill("#choices", "\n".join(choices))
+        with page.expect_response(lambda r: r.url.endswith("/v1/mcqa"), timeout=60_000) as resp:
+            page.click("#submit")
+        page.wait_for_function("!document.querySelector('#submit').disabled")  # re-enabled once it has rendered
+        return resp.value.json()
+
+    def greens(page):
+        return page.eval_on_selector_all("#answer-card *", f"els => els.filter(e => getComputedStyle(e).color === "
+                                         f"'{GREEN}' || getComputedStyle(e).backgroundColor === '{GREEN}').length")
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        page.goto(url + "/")
+        page.wait_for_function("document.querySelector('#served-mode').textContent.includes('letter_debiased')")
+        page.fill("#api_key", KEY)
+        page.uncheck("#use_rag")
+
+        sure = ask(page, *SURE_Q)
+        assert sure["unsure"] is False and sure["mode"] == "letter_debiased"
+        choice = SURE_Q[1]["AB".index(sure["answer"])]
+        assert page.inner_text("#answer") == f"{sure['answer']}. {choice}"
+        assert page.locator(".option.best").count() == 1 and greens(page) >= 2  # the answer and its bar
+        assert page.inner_text("#mode") == "mode letter_debiased (calibrated on ARC-Easy dev (16, sample))"
+        assert page.locator("#unsure").count() == 0
+        assert sure["dev_accuracy"] == params.accuracy_when_sure
+        if params.accuracy_when_sure is None:  # no dev question was this confident: nothing to say about it
+            assert page.locator("#sure-detail").count() == 0
+        else:
+            assert f"right {100 * params.accuracy_when_sure:.1f}% of the time" in page.inner_text("#sure-detail")
+        page.screenshot(path=str(ARTIFACTS / "serve_page_sure.png"), full_page=True)
+
+        unsure = ask(page, *UNSURE_Q)
+        assert unsure["unsure"] is True and unsure["dev_accuracy"] == params.accuracy_when_unsure
+        assert page.locator("#answer").count() == 0 and page.locator(".option.best").count() == 0
+        assert greens(page) == 0
+        assert page.inner_text("#unsure").startswith("Not sure")
+        detail = page.inner_text("#unsure-detail")
+        top = f"{unsure['answer']}. {UNSURE_Q[1]['ABCD'.index(unsure['answer'])]}"
+        assert top in detail and f"{100 * unsure['confidence']:.1f}%" in detail
+        assert f"{100 * params.unsure_below:.1f}%" in detail
+        assert f"right {100 * params.accuracy_when_unsure:.1f}% of the time" in detail
+        rows = page.locator(".option")
+        assert rows.count() == 4
+        for i, letter in enumerate("ABCD"):
+            assert rows.nth(i).locator(".text").inner_text() == UNSURE_Q[1][i]
+            assert rows.nth(i).locator(".pct").inner_text() == f"{100 * unsure['probabilities'][letter]:.1f}%"
+        page.screenshot(path=str(ARTIFACTS / "serve_page_unsure.png"), full_page=True)
+
+        # another mode from the page: answered uncalibrated, and the page says which
+        page.select_option("#scoring", "cloze")
+        other = ask(page, *UNSURE_Q)
+        assert other["mode"] == "cloze" and other["unsure"] is None
+        assert page.inner_text("#mode") == "mode cloze" and page.locator("#answer").count() == 1
+        browser.close()
 
 
 # --- under load and under failure: these redeploy the module's app, so they run last -----------------------
@@ -655,3 +921,21 @@ def test_200_concurrent_requests_no_5xx_and_the_autoscaler_adds_a_replica(app_ur
             break
     assert sum(seen.values()) >= 2, f"no second replica after {len(statuses)} requests: {seen}"
     assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
+
+
+def test_without_mode_params_letter_scoring_and_no_letter_prior(app_url, tiny_model, local_scorer):
+    """The app built without serve.mode_params (redeployed here, so it runs last) answers as before this mode
+    work: letter scoring, temperature 1, `unsure` null; letter_debiased has no prior to use: 422 naming `scoring`."""
+    url = _redeploy(tiny_model)
+    r = post(url, {"question": QUESTIONS[0][0], "choices": QUESTIONS[0][1], "use_rag": False})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    pred = local_scorer.score(records_of(QUESTIONS[:1]))[0]
+    assert out["mode"] == "letter" and out["answer"] == pred.pred
+    assert list(out["probabilities"].values()) == pytest.approx(pred.probabilities, abs=1e-4)
+    assert out["unsure"] is None and out["dev_accuracy"] is None and out["calibration"] is None
+    assert httpx.get(f"{url}/healthz", timeout=30).json()["mode"] == "letter"
+    r = post(url, {"question": QUESTIONS[0][0], "choices": QUESTIONS[0][1], "use_rag": False,
+                   "scoring": "letter_debiased"})
+    assert r.status_code == 422 and r.json()["field"] == "scoring", r.text
+    assert "letter prior" in r.json()["error"] and "serve.mode_params" in r.json()["error"]

@@ -329,6 +329,11 @@ class ServeConfig(Section):
         None, description="A custom Ray resource the ingress replica needs a sliver of, to keep it on the nodes that "
         "have it (cluster/local.sh gives the head node 'head'): the proxy runs on the head, so the app answers while "
         "worker nodes come and go. null = anywhere.")
+    mode_params: Optional[str] = Field(
+        None, description="JSON of the answer mode /v1/mcqa answers in (stemqa.eval.fit.fit_mode, the selection's "
+        "choice for the served model: mode, temperature, PriDe letter prior, 'unsure' threshold and the dev accuracy "
+        "on either side of it); read when the app is built. A request's `scoring` may name another mode, answered "
+        "uncalibrated. null = letter scoring, temperature 1, no 'unsure' threshold.")
     model_dir: Optional[str] = Field(None, description="Model to serve when no --model / run directory is given.")
     index_dir: Optional[str] = Field(None, description="RAG index to serve when no --index / run directory is given.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)

@@ -265,6 +265,45 @@ class MCQScorer:
         lls = [rows[shifts.index(0)] for shifts, rows in per]
         return lls, [permuted_option_logprobs([log_softmax(r) for r in rows], shifts) for shifts, rows in per]
 
+    # --- what one question costs (a server's token budget) ------------------------------------------------
+    def cost(self, q: MCQ, scoring: Union[str, ModeParams] = "letter", fewshot: Sequence[MCQ] = (),
+             header: bool = True, passages: Optional[Sequence[str]] = None) -> "Cost":
+        """What `score` runs for `q` in `scoring`'s mode, in input tokens: letter modes read the harness prompt
+        once (permute: once per cyclic permutation), cloze reads the context once and then each option's tokens
+        but the last on its KV cache (one full pass per option where the tokenizer merges context and option).
+        Counted without the shared-prefix cache, which can only make it cheaper, and without padding."""
+        params = as_params(scoring)
+        ctx = dict(fewshot=fewshot, header=header, passages=passages)
+        if params.mode == "cloze":
+            prompt = cloze_prompt(q, template=params.cloze_template, **ctx)
+            pairs = [self.encode_pair(prompt, f" {o}") for o in q.choices]
+            longest = max(len(c) + len(x) for c, x in pairs)
+            if all(c == pairs[0][0] for c, _ in pairs) and pairs[0][0] and longest <= self.max_length:
+                return Cost(prompt, len(pairs[0][0]) + sum(len(x) - 1 for _, x in pairs), longest)
+            return Cost(prompt, sum(len(self._truncate(c, x)) for c, x in pairs), longest)
+        shifts = cyclic_shifts(len(q.choices), params.permute_k) if params.mode == "permute" else [0]
+        prompts = [harness_prompt(replace(q, choices=rotate(q.choices, s)), **ctx) for s in shifts]
+        pairs = [self.encode_pair(prompts[0], f" {LETTERS[j]}") for j in range(len(q.choices))]
+        # as letter_loglikelihoods: one pass per prompt when every letter is one token after it. Checked on the
+        # unrotated prompt only (n tokenizations per prompt would cost permute n^2): the rotations end in the same
+        # "\nAnswer:", which is what the letters' tokens depend on.
+        if all(len(c) == 1 and x == pairs[0][0] for x, c in pairs):
+            lengths = [len(pairs[0][0])] + [len(self.tok(p)["input_ids"]) for p in prompts[1:]]
+            return Cost(prompts[0], sum(min(n, self.max_length) for n in lengths), max(lengths) + 1)
+        per_prompt = [pairs] + [[self.encode_pair(p, f" {LETTERS[j]}") for j in range(len(q.choices))]
+                                for p in prompts[1:]]
+        return Cost(prompts[0], sum(len(self._truncate(x, c)) for ps in per_prompt for x, c in ps),
+                    max(len(x) + len(c) for ps in per_prompt for x, c in ps))
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One question's forward passes in an answer mode (`MCQScorer.cost`)."""
+
+    prompt: str  # the context its options are scored after (permute: the unrotated harness prompt)
+    tokens: int  # input tokens its forward passes read
+    longest: int  # its longest sequence, context + scored continuation: what must fit the model's context
+
 
 def predict(qid: str, subject: str, gold: str, lls: Sequence[float], scores: Sequence[float],
             params: ModeParams) -> Prediction:
