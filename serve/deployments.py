@@ -131,8 +131,8 @@ class Scorer:
         # Checked here, before batching, so one over-long or over-budget request fails alone, not its whole batch.
         cost = self.scorer.cost(record, params, header=self.header, passages=texts)
         if cost.longest > self.scorer.max_length:
-            raise ApiError(413, "question", f"the prompt is {cost.longest - 1} tokens, over the model's context of "
-                           f"{self.scorer.max_length}")
+            raise ApiError(413, "question", f"the prompt and the answer scored after it are {cost.longest} tokens "
+                           f"in scoring {params.label()}, over the model's context of {self.scorer.max_length}")
         if cost.tokens > self.max_request_tokens:
             # permute's passes are what multiply the cost; a letter or cloze request over it is its text
             raise ApiError(413, "scoring" if params.mode == "permute" else "question",
