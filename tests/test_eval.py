@@ -71,6 +71,19 @@ def test_cloze_scores_answer_texts_with_acc_norm(model_and_tok, mixed_records):
         assert p.pred == "ABCDEFGH"[per_char.index(max(per_char))]  # acc_norm: by length-normalised ll
 
 
+def test_kshot_cloze_runs_the_shared_prefix_once_and_equals_naive(model_and_tok, mixed_records):
+    model, tok = model_and_tok
+    shots = load_file(MCQ_DIR / "mmlu/dev/college_physics_dev.csv", "mmlu_csv", limit=3)[0]
+    recs = mixed_records[:3] + mixed_records[-2:]
+    scorer = MCQScorer(model, tok, batch_size=2)
+    preds = scorer.score(recs, scoring="cloze_question", fewshot=shots)
+    assert scorer._prefix is not None and len(scorer._prefix[0]) > 50  # the 3 examples came from the KV cache
+    for q, p in zip(recs, preds):
+        ctx = cloze_prompt(q, fewshot=shots, template="question")
+        naive = [naive_loglikelihood(model, tok, ctx, f" {c}") for c in q.choices]
+        assert p.loglikelihoods == pytest.approx(naive, abs=1e-4)
+
+
 def test_fewshot_prompt_rendering():
     shots = [MCQ("d1", "college_physics", "What is 1+1? ", ["1", "2"], 1, "dev"),
              MCQ("d2", "college_physics", "Pick C", ["x", "y", "z"], 2, "dev")]
