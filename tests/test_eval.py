@@ -181,6 +181,24 @@ def test_evaluate_sets_with_fewshot_and_rag(tiny_model, tmp_path):
         evaluate_sets(tiny_model, cfg, SAMPLE_DATA, tmp_path)
 
 
+def test_evaluate_sets_in_a_fitted_mode(tiny_model, tmp_path):
+    """eval.mode_params: the sets are scored in the fitted mode (here PriDe-debiased letters with a threshold),
+    and the metrics say how often it was unsure and how well it did when sure."""
+    from stemqa.eval.fit import fit_mode
+
+    cfg = _small_cfg()
+    dev = load_file(MCQ_DIR / "arc/ARC-Easy-train.jsonl", "arc_jsonl", limit=8)[0]
+    params, _, _ = fit_mode(load_scorer(tiny_model), "letter_debiased", dev, model="tiny", fitted_on="8 ARC")
+    path = params.save(tmp_path / "mode.json")
+    cfg.eval.mode_params, cfg.eval.scoring = str(path), "letter_debiased"  # validated on assignment: params first
+    results = evaluate_sets(tiny_model, cfg, SAMPLE_DATA, tmp_path / "out", progress=False)
+    for name, m in results.items():
+        assert m["scoring"] == "letter_debiased" and 0 <= m["unsure_share"] <= 1
+        lines = [json.loads(x) for x in (tmp_path / "out" / name / "predictions.jsonl").read_text().splitlines()]
+        assert all(p["mode"] == "letter_debiased" and p["unsure"] is not None for p in lines)
+        assert m["unsure_share"] == pytest.approx(sum(p["unsure"] for p in lines) / len(lines))
+
+
 def test_retrieved_passages_respect_token_budget(model_and_tok):
     from stemqa.eval.run import retrieve_passages
 
