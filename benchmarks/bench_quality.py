@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see `stemqa()` below
 
 OUT = ROOT / "benchmarks" / "out" / "quality"
 BASE = "smollm2-135m-instruct"
@@ -247,7 +248,10 @@ def stemqa(args: list[str]) -> tuple[dict, float]:
     t0 = time.perf_counter()
     # Ray starts its workers at nice 15: on this shared machine the Train worker then got ~5% of a core beside
     # normal-priority processes (this script's own evaluation included). Same priority as everything else here.
-    env = {**os.environ, "RAY_worker_niceness": "0"}
+    # OpenMP threads spin at their barriers: with other jobs on the 2 cores, a 2-thread step spent 60% of its CPU
+    # time in libgomp's spin-wait (py-spy) and ran 5x slower per CPU second; the runs here use one thread
+    # (--train-cpus 1) and passive waits.
+    env = {**os.environ, "RAY_worker_niceness": "0", "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run([str(ROOT / ".venv" / "bin" / "stemqa"), *args], cwd=ROOT, capture_output=True, text=True,
                           env=env)
     wall = time.perf_counter() - t0
@@ -263,7 +267,8 @@ def sets_flags(pairs: list[str]) -> list[str]:
 
 def cmd_sft(a) -> None:
     out = OUT / "models" / a.tag
-    overrides = [f"sft.data={a.data}", f"sft.lr={a.lr}", f"sft.epochs={a.epochs}", *a.set]
+    overrides = [f"sft.data={a.data}", f"sft.lr={a.lr}", f"sft.epochs={a.epochs}", *a.set,
+                 f"sft.resources.cpus_per_worker={a.train_cpus}"]
     if a.steps:
         overrides.append(f"sft.max_steps={a.steps}")
     if not (out / "model" / "config.json").exists():
@@ -297,7 +302,8 @@ def cmd_dpo(a) -> None:
     from stemqa.models.loader import load_tokenizer
 
     out = OUT / "models" / a.tag
-    overrides = [f"dpo.beta={a.beta}", f"dpo.lr={a.lr}", f"dpo.loss={a.loss}", *a.set]
+    overrides = [f"dpo.beta={a.beta}", f"dpo.lr={a.lr}", f"dpo.loss={a.loss}", *a.set,
+                 f"dpo.resources.cpus_per_worker={a.train_cpus}", f"dpo.ref_cpus={a.train_cpus}"]
     if a.steps:
         overrides.append(f"dpo.max_steps={a.steps}")
     if a.pairs_n:
@@ -556,6 +562,8 @@ def main(argv=None) -> int:
         sp.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
         sp.add_argument("--threads", type=int, default=1, help="torch threads of the evaluation (1: the CPU is "
                         "shared, and a second thread that is descheduled stalls every operation)")
+        sp.add_argument("--train-cpus", type=float, default=1.0, help="CPUs (= torch threads) of the Train worker; "
+                        "the samples, their order and the steps are the same for any value")
 
     e = sub.add_parser("eval", help="fit and score a model on dev in every mode")
     common(e)

@@ -71,6 +71,19 @@ def test_cloze_scores_answer_texts_with_acc_norm(model_and_tok, mixed_records):
         assert p.pred == "ABCDEFGH"[per_char.index(max(per_char))]  # acc_norm: by length-normalised ll
 
 
+def test_kshot_cloze_runs_the_shared_prefix_once_and_equals_naive(model_and_tok, mixed_records):
+    model, tok = model_and_tok
+    shots = load_file(MCQ_DIR / "mmlu/dev/college_physics_dev.csv", "mmlu_csv", limit=3)[0]
+    recs = mixed_records[:3] + mixed_records[-2:]
+    scorer = MCQScorer(model, tok, batch_size=2)
+    preds = scorer.score(recs, scoring="cloze_question", fewshot=shots)
+    assert scorer._prefix is not None and len(scorer._prefix[0]) > 50  # the 3 examples came from the KV cache
+    for q, p in zip(recs, preds):
+        ctx = cloze_prompt(q, fewshot=shots, template="question")
+        naive = [naive_loglikelihood(model, tok, ctx, f" {c}") for c in q.choices]
+        assert p.loglikelihoods == pytest.approx(naive, abs=1e-4)
+
+
 def test_fewshot_prompt_rendering():
     shots = [MCQ("d1", "college_physics", "What is 1+1? ", ["1", "2"], 1, "dev"),
              MCQ("d2", "college_physics", "Pick C", ["x", "y", "z"], 2, "dev")]
@@ -164,6 +177,24 @@ def test_evaluate_sets_with_fewshot_and_rag(tiny_model, tmp_path):
     cfg.eval.use_rag, cfg.eval.fewshot_source = False, None
     with pytest.raises(ValueError, match="fewshot_source"):
         evaluate_sets(tiny_model, cfg, SAMPLE_DATA, tmp_path)
+
+
+def test_evaluate_sets_in_a_fitted_mode(tiny_model, tmp_path):
+    """eval.mode_params: the sets are scored in the fitted mode (here PriDe-debiased letters with a threshold),
+    and the metrics say how often it was unsure and how well it did when sure."""
+    from stemqa.eval.fit import fit_mode
+
+    cfg = _small_cfg()
+    dev = load_file(MCQ_DIR / "arc/ARC-Easy-train.jsonl", "arc_jsonl", limit=8)[0]
+    params, _, _ = fit_mode(load_scorer(tiny_model), "letter_debiased", dev, model="tiny", fitted_on="8 ARC")
+    path = params.save(tmp_path / "mode.json")
+    cfg.eval.mode_params, cfg.eval.scoring = str(path), "letter_debiased"  # validated on assignment: params first
+    results = evaluate_sets(tiny_model, cfg, SAMPLE_DATA, tmp_path / "out", progress=False)
+    for name, m in results.items():
+        assert m["scoring"] == "letter_debiased" and 0 <= m["unsure_share"] <= 1
+        lines = [json.loads(x) for x in (tmp_path / "out" / name / "predictions.jsonl").read_text().splitlines()]
+        assert all(p["mode"] == "letter_debiased" and p["unsure"] is not None for p in lines)
+        assert m["unsure_share"] == pytest.approx(sum(p["unsure"] for p in lines) / len(lines))
 
 
 def test_retrieved_passages_respect_token_budget(model_and_tok):

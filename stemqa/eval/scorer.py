@@ -179,23 +179,31 @@ class MCQScorer:
             else:  # a context the tokenizer merges into an option, or too long: one full pass per option
                 results[i] = self.loglikelihoods([(contexts[i], o) for o in options[i]])
         fits.sort(key=lambda i: -len(enc[i][0][0]))
+        # k-shot contexts share a long prefix: run it once for the call (as letter scoring does)
+        prefix_len = self.shared_prefix([enc[i][0][0] for i in fits], keep=1)
         for start in range(0, len(fits), self.batch_size):
             idx = fits[start:start + self.batch_size]
             for i, row in zip(idx, self._options_after_contexts([enc[i][0][0] for i in idx],
-                                                                [[x for _, x in enc[i]] for i in idx])):
+                                                                [[x for _, x in enc[i]] for i in idx], prefix_len)):
                 results[i] = row
         return results  # type: ignore[return-value]
 
-    def _options_after_contexts(self, ctxs: list[list[int]], conts: list[list[list[int]]]) -> list[list[float]]:
-        width = max(len(c) for c in ctxs)
+    def _options_after_contexts(self, ctxs: list[list[int]], conts: list[list[list[int]]],
+                                prefix_len: int = 0) -> list[list[float]]:
+        past = None
+        if prefix_len:
+            past = copy.deepcopy(self._prefix_kv(tuple(ctxs[0][:prefix_len])))
+            past.batch_repeat_interleave(len(ctxs))
+        width = max(len(c) for c in ctxs) - prefix_len
         ids = torch.full((len(ctxs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ctxs), width), dtype=torch.long)
-        for i, c in enumerate(ctxs):  # left padding: every context ends at the last column
-            ids[i, width - len(c):] = torch.tensor(c)
-            mask[i, width - len(c):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        for i, c in enumerate(ctxs):  # left padding after the cached prefix: every context ends at the last column
+            ids[i, width - len(c) + prefix_len:] = torch.tensor(c[prefix_len:])
+            mask[i, width - len(c) + prefix_len:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
+        mask = torch.cat([torch.ones((len(ctxs), prefix_len), dtype=torch.long), mask], dim=1)
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1)
+                         position_ids=pos.to(self.device), past_key_values=past, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # predicts each option's first token
         rows = [(i, x) for i, opts in enumerate(conts) for x in opts]
         tail = max(len(x) for _, x in rows) - 1  # option tokens after the first, run on the repeated cache
