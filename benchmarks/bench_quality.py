@@ -324,8 +324,46 @@ def cmd_dpo(a) -> None:
         record({"tag": a.tag, "kind": "dpo", "start": a.start, "pairs": a.pairs, "overrides": overrides,
                 "wall_s": round(wall), "load": [l0, load()], **{k: m.get(k) for k in keep}})
         log(f"dpo {a.tag}: " + ", ".join(f"{k} {m.get(k)}" for k in keep) + f", {wall:.0f} s")
+        honest = dev_pair_rewards(a.tag, a.start, study_config(overrides).dpo, a.dev_limit)
+        record({"tag": a.tag, "kind": "dpo_dev_pairs", **honest})
+        log(f"dpo {a.tag} on dev answer pairs: {honest}")
     figures = eval_dev(a.tag, a.modes.split(","), a.dev_limit, a.threads)
     record({"tag": a.tag, "kind": "eval", "dev": dev_key(a.dev_limit), "figures": figures})
+
+
+def pair_logps(model: str, pairs, dpo) -> dict:
+    """Summed log-probs of each pair's chosen and rejected completion (the DPO stage's own encoding)."""
+    import torch
+
+    from stemqa.models import load_causal_lm, load_tokenizer
+    from stemqa.train.dpo import collate_pairs, encode_pair, sequence_logps
+
+    torch.set_num_threads(1)
+    m, tok = load_causal_lm(model), load_tokenizer(model)
+    out = {}
+    with torch.no_grad():
+        for i in range(0, len(pairs), 16):
+            part = pairs[i:i + 16]
+            c, r, _, _ = sequence_logps(m, collate_pairs([encode_pair(tok, p, dpo.max_len) for p in part],
+                                                         tok.pad_token_id))
+            out.update({p.id: {"chosen_logp": float(x), "rejected_logp": float(y)} for p, x, y in zip(part, c, r)})
+    return out
+
+
+def dev_pair_rewards(tag: str, start: str, dpo, limit: Optional[int]) -> dict:
+    """The honest DPO figure: on answer pairs built from *dev* questions (never trained by SFT or DPO), how often
+    the DPO model's implicit reward ranks the right answer first (reward accuracy against its reference, the start
+    model), and how often each model gives the right answer's text the higher likelihood."""
+    from stemqa.data.preference import mcq_pair
+    from stemqa.train.dpo import reward_accuracy
+
+    pairs = [mcq_pair(q, "dev") for qs in held_out("dev", limit).values() for q in qs]
+    pol, ref = pair_logps(model_path(tag), pairs, dpo), pair_logps(model_path(start), pairs, dpo)
+    rew = reward_accuracy(pol, ref, dpo.beta)
+    prefers = lambda d: sum(v["chosen_logp"] > v["rejected_logp"] for v in d.values()) / len(d)  # noqa: E731
+    return {"dev_pairs": len(pairs), "dev_reward_accuracy": rew["reward_accuracy"],
+            "dev_reward_margin": rew["reward_margin"], "dev_prefers_right_dpo": prefers(pol),
+            "dev_prefers_right_start": prefers(ref)}
 
 
 def cmd_eval(a) -> None:
