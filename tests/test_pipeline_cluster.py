@@ -9,6 +9,8 @@ import httpx
 import pytest
 
 RAY = str(Path(sys.executable).parent / "ray")
+# the served app's port: beside the Serve tests' (they run on a private Ray instance in the same session)
+PORT = int(os.environ.get("STEMQA_TEST_SERVE_PORT", "8123")) + 1
 
 
 def test_local_cluster_has_two_nodes(local_cluster):
@@ -23,7 +25,7 @@ def test_pipeline_submitted_as_a_ray_job(submit_job, tmp_path, shared_data):
     run_dir = tmp_path / "runs" / "tiny-job"
     logs = submit_job("jobs.pipeline", "--config", "tests/configs/tiny.yaml", "--run", str(run_dir),
                       "--set", f"data.root={shared_data}", "--set", f"cluster.storage_path={tmp_path / 'runs'}",
-                      timeout=1200)
+                      "--set", f"serve.port={PORT}", timeout=1200)
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     stages = manifest["stages"]
@@ -43,6 +45,8 @@ def test_pipeline_submitted_as_a_ray_job(submit_job, tmp_path, shared_data):
     answer = json.loads((run_dir / stages["serve"]["artifacts"]["answer"]).read_text())
     assert answer["answer"] in "ABCD" and abs(sum(answer["probabilities"].values()) - 1) < 1e-3
     assert "stemqa pipeline" in logs  # the summary table was printed
+    # progress while the stages ran, from the Train workers and Ray tasks on both nodes, in the job's log
+    assert "[sft] step 2/2 (100%)" in logs and "[dpo] step 2/2 (100%)" in logs, logs[-4000:]
 
     # the Train workers logged each step into the stage's MLflow run as they trained (one timestamp per step;
     # the driver adds only the summary afterwards), the runs children of the stemqa run's parent run
@@ -61,7 +65,7 @@ def test_pipeline_submitted_as_a_ray_job(submit_job, tmp_path, shared_data):
     assert logged["sft"].data.metrics["train_loss_last"] == pytest.approx(stages["sft"]["metrics"]["train_loss_last"])
 
     # the app keeps serving after the job: a second question over real HTTP
-    r = httpx.post("http://127.0.0.1:8011/v1/mcqa", json={"question": "Which gas do plants take in?",
+    r = httpx.post(f"http://127.0.0.1:{PORT}/v1/mcqa", json={"question": "Which gas do plants take in?",
                    "choices": ["oxygen", "carbon dioxide"], "use_rag": True, "top_k": 2}, timeout=60)
     assert r.status_code == 200 and r.json()["answer"] in "AB"
     assert all(p["source"] for p in r.json()["passages"])
