@@ -180,11 +180,15 @@ class Progress:
         while not self._stop.wait(1.0) and self._poll_once():
             pass
 
-    def _poll_once(self) -> bool:
+    def _poll_once(self, timeout_s: float = 10.0) -> bool:
+        """Show what the workers sent since the last poll; False once the actor is gone (stop polling)."""
         import ray
+        from ray.exceptions import GetTimeoutError
 
         try:
-            latest = ray.get(self._sink.snapshot.remote(), timeout=10)
+            latest = ray.get(self._sink.snapshot.remote(), timeout=timeout_s)
+        except GetTimeoutError:  # a busy machine: the actor may still be starting; try again next time
+            return True
         except Exception:  # the actor or the cluster went away: the command itself reports that
             return False
         for key, (done, total, fields) in latest.items():
@@ -197,7 +201,7 @@ class Progress:
         self._stop.set()
         if self._poller is not None:
             self._poller.join(timeout=5)
-            self._poll_once()  # the last numbers the workers sent
+            self._poll_once(timeout_s=60)  # the last numbers the workers sent
         if self._sink is not None:
             import ray
 
