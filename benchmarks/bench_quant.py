@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     if args.from_partial:
         from_partial(args.from_partial, args.header)
     elif not args.from_existing:
-        from stemqa.cli import quant_main
+        from stemqa.cli.quant import main as quant_main
 
         if quant_main(REPORT_ARGS + ["--resume"] * args.resume) != 0:
             return 1

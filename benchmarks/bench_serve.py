@@ -38,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # before anything imports ray: while cluster/local.sh runs, its token-auth client settings go into the env,
 # and a ray imported before them disagrees with the private instance started below (InvalidAuthToken)
-import stemqa.ray_utils  # noqa: E402,F401
+import stemqa.ray_utils  # noqa: E402
+
+stemqa.ray_utils.load_cluster_env()  # before ray is imported
 OUT = ROOT / "benchmarks" / "out" / "serve"
 BENCH_MD = ROOT / "benchmarks" / "BENCHMARKS.md"
 SECTION = "## Serve: batching, RAG, quantized model"
@@ -200,7 +202,7 @@ def generation(url: str, prompts: list[str], concurrency: int, max_tokens: int) 
 
 
 def run_row(label: str, model: str, index: str | None, rag: bool, batch: int, args, bodies) -> dict:
-    from jobs.serve import deploy
+    from stemqa.stages.serve import deploy
     from stemqa.config import load_config
 
     wait = [f"serve.batch_wait_timeout_s={args.batch_wait_s}"] if args.batch_wait_s is not None else []

@@ -57,7 +57,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import stemqa.ray_utils  # noqa: E402,F401  (before ray is imported)
+import stemqa.ray_utils  # noqa: E402
+
+stemqa.ray_utils.load_cluster_env()  # before ray is imported
 
 BENCH_MD = ROOT / "benchmarks" / "BENCHMARKS.md"
 LEARN_SECTION = "## Training: does it learn"
@@ -181,9 +183,9 @@ def sft_learn(args) -> dict:
     before_s = time.perf_counter() - t
     ray_s = ray_up()
     result = run_sft(cfg, work / "train.jsonl", work / "out")
-    m = result["metrics"]
+    m = result.metrics
     t = time.perf_counter()
-    after = mcq_metrics(result["model_dir"], dev)
+    after = mcq_metrics(result.model_dir, dev)
     out = {"experiment": "sft-learn", "overrides": overrides, "before": before, "after": after,
            "library_eval_loss_before": m["eval_loss_before"], "library_eval_loss_after": m["eval_loss"],
            "train_samples": m["train_samples"], "eval_samples": m["eval_samples"], "steps": m["steps"],
@@ -232,7 +234,8 @@ def dpo_learn(args) -> dict:
     load0 = load1()
     prep = prepare_pairs(["aqua:mcq/aqua_rat/dev.json"], DATA, load_tokenizer(MODEL), cfg.dpo, work / "pairs")
     ray_s = ray_up()
-    m = run_dpo(cfg, work / "pairs", work / "out", MODEL)["metrics"]
+    result = run_dpo(cfg, work / "pairs", work / "out", MODEL)
+    m = {**result.metrics, "evals": result.history.eval_dicts()}
     out = {"experiment": "dpo-learn", "overrides": overrides, "pairs": prep["counts"], "ray_init_s": ray_s,
            "load_start": load0, "load_end": load1(),
            **{k: m[k] for k in ("val_reward_accuracy_before", "val_reward_accuracy_best", "test_reward_accuracy",
@@ -329,8 +332,8 @@ def bare_sft(samples: list[dict], steps: int, packing: bool) -> dict:
     import torch
 
     from stemqa.models import load_tokenizer, resolve_model
-    from stemqa.train.common import linear_schedule, load_train_model
-    from stemqa.train.sft import batch_tokens, collate, completion_loss, step_weight
+    from stemqa.train.common import linear_schedule, load_train_model, step_weight
+    from stemqa.train.sft import batch_tokens, collate, completion_loss
 
     torch.set_num_threads(2)
     path = str(resolve_model(MODEL))
@@ -402,16 +405,16 @@ def ours_sft(samples_path: Path, steps: int, packing: bool, work: Path, name: st
                                f"sft.resources.zero_stage={zero_stage(workers)}", "sft.resources.max_failures=0",
                                f"sft.resources.allocator={allocator}"])
     load0 = load1()
-    m = run_sft(cfg, samples_path, work / name, run_name=name)["metrics"]
-    return _ours_summary(m, load0)
+    result = run_sft(cfg, samples_path, work / name, run_name=name)
+    return _ours_summary(result.metrics, result.history, load0)
 
 
-def _ours_summary(m: dict, load0: float) -> dict:
+def _ours_summary(m: dict, history, load0: float) -> dict:
     startup = m["fit_s"] - m["worker_total_s"]  # controller, placement group, worker processes (+ teardown)
     other = m["worker_total_s"] - m["worker_setup_s"] - m["train_s"]  # final eval/save/checkpoint reports
     return {"tokens": m["tokens"], "train_s": m["train_s"], "train_cpu_s": m["train_cpu_s"],
             "tokens_per_s": m["tokens_per_s"], "tokens_per_cpu_s": m["tokens"] / m["train_cpu_s"],
-            "losses": m["losses"], "step_s": m.get("step_s", []), "ray_startup_teardown_s": startup,
+            "losses": history.losses, "step_s": history.step_seconds, "ray_startup_teardown_s": startup,
             "worker_setup_s": m["worker_setup_s"], "worker_after_steps_s": other, "fit_s": m["fit_s"],
             "steps": m["steps"], "allocator": m.get("allocator", "?"), "load": [load0, load1()]}
 
@@ -602,9 +605,9 @@ def dpo_speed(args) -> dict:
     res["ray_init_s"] = ray_up()
     for workers in (2, 1):  # the second run reuses the reference log-probs the first one stored beside the pairs
         load0 = load1()
-        m = run_dpo(config(workers), work / "pairs", work / f"out{workers}", MODEL,
-                    run_name=f"dpo-speed-{workers}w")["metrics"]
-        res[f"ours_{workers}w"] = {**_ours_summary(m, load0), "ref_logps_s": m["ref_logps_s"]}
+        result = run_dpo(config(workers), work / "pairs", work / f"out{workers}", MODEL, run_name=f"dpo-speed-{workers}w")
+        m = result.metrics
+        res[f"ours_{workers}w"] = {**_ours_summary(m, result.history, load0), "ref_logps_s": m["ref_logps_s"]}
     m = res["ours_2w"]
     res["max_loss_diff_vs_trl"] = max(abs(a - b) for k in ("ours_2w", "ours_1w")
                                       for a, b in zip(res[k]["losses"], res["trl_ref_model"]["losses"]))

@@ -46,10 +46,10 @@ fixed:
   sft.max_seq_len: 128
   sft.eval_fraction: 0.2
   sft.checkpoint_every: 1000
+  sft.eval_every: 1
   sft.resources: {{num_workers: 1, cpus_per_worker: 0.9, zero_stage: 0, max_failures: 0}}
 params:
   sft.lr: {{grid: {lrs}}}
-report_every: 1
 scheduler: {{type: fifo}}
 resources: {{trial_cpus: 0.1, max_concurrent_trials: 2}}
 """

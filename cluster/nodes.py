@@ -19,8 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo importable
 
-from jobs.common import config_from, connect, open_run, parser  # noqa: E402
-from stemqa import storage  # noqa: E402
+from stemqa.cli.common import config_from, connect, open_run, parser  # noqa: E402
 
 
 def _on_node(out_dir: str, hold_s: float) -> dict:
@@ -32,7 +31,10 @@ def _on_node(out_dir: str, hold_s: float) -> dict:
     time.sleep(hold_s)  # lets a test stop a node while the task runs
     info = {"node_id": node_id, "ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
             "pid": os.getpid(), "worker_id": ctx.get_worker_id(), "started": start, "ended": time.time()}
-    info["file"] = storage.write_text(storage.join(out_dir, f"{node_id}.json"), json.dumps(info))
+    path = Path(out_dir) / f"{node_id}.json"  # written from this node: the storage path must be shared by all
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info))
+    info["file"] = str(path)
     return info
 
 
@@ -126,6 +128,8 @@ def _check(run, nodes: list, args) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.common import run_main
+    from stemqa.cli.common import run_main
+    from stemqa.ray_utils import load_cluster_env
 
+    load_cluster_env()
     run_main(main)

@@ -81,14 +81,18 @@ def embedding_dataset(texts: list[str], cfg: EmbedConfig):
     )
 
 
-def embed_texts(texts: Sequence[str], cfg: EmbedConfig) -> np.ndarray:
-    """Embed `texts` with Ray Data; float32 [n, dim], L2-normalised, row i is texts[i]."""
+def embed_texts(texts: Sequence[str], cfg: EmbedConfig, progress=None) -> np.ndarray:
+    """Embed `texts` with Ray Data; float32 [n, dim], L2-normalised, row i is texts[i]. `progress(done, total)`
+    is called as batches come back (stemqa.progress)."""
     texts = _check_texts(texts)
     ds = embedding_dataset(texts, cfg)
-    idx_parts, vec_parts = [], []
+    idx_parts, vec_parts, done = [], [], 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         idx_parts.append(batch["idx"])
         vec_parts.append(np.asarray(batch["embedding"], dtype=np.float32))
+        done += len(batch["idx"])
+        if progress is not None:
+            progress(done, len(texts))
     idx = np.concatenate(idx_parts)
     vectors = np.concatenate(vec_parts)
     # Rows come back in length order (see embedding_dataset); the carried index puts them in input order and

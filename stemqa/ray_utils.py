@@ -1,5 +1,9 @@
 """Connecting to Ray the same way everywhere (CLI, jobs, tests), quietly and with settings for small machines.
 
+`load_cluster_env()`: the local cluster's client settings (token auth) into os.environ. Ray reads them when it is
+imported, so entry points (the CLI, tests, benchmarks) call it before anything imports ray; importing this
+module changes nothing.
+
 `init_ray(address)`:
 - address None: the cluster started by `cluster/local.sh` when one runs (RAY_ADDRESS or its address file),
   else a private local Ray instance sized to this machine.
@@ -24,7 +28,11 @@ WORKER_ENV = {
     "PYTHONWARNINGS": "ignore",
 }
 
-LOCAL_CLUSTER_ADDRESS_FILE = Path(os.environ.get("STEMQA_CLUSTER_DIR", "/tmp/stemqa-cluster")) / "address"
+
+
+def local_cluster_dir() -> Path:
+    """Where cluster/local.sh keeps the running local cluster's address, dashboard URL and client env."""
+    return Path(os.environ.get("STEMQA_CLUSTER_DIR", "/tmp/stemqa-cluster"))
 
 
 def read_env_file(path) -> dict[str, str]:
@@ -40,11 +48,11 @@ def read_env_file(path) -> dict[str, str]:
 def load_cluster_env() -> None:
     """Client settings (token auth) that cluster/local.sh writes beside its address, into os.environ.
 
-    Ray reads RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH when `ray` is imported, so this runs before any import of ray
-    (this module imports ray lazily, and jobs.common imports this module first). The user's own env wins.
+    Ray reads RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH when `ray` is imported, so entry points call this before any
+    import of ray (this module imports ray lazily). The user's own env wins.
     """
-    env_file = LOCAL_CLUSTER_ADDRESS_FILE.with_name("env")
-    if LOCAL_CLUSTER_ADDRESS_FILE.exists() and env_file.exists():
+    env_file, address = local_cluster_dir() / "env", local_cluster_dir() / "address"
+    if address.exists() and env_file.exists():
         for key, value in read_env_file(env_file).items():
             os.environ.setdefault(key, value)
 
@@ -52,8 +60,9 @@ def load_cluster_env() -> None:
 def local_cluster_address() -> Optional[str]:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
-    if LOCAL_CLUSTER_ADDRESS_FILE.exists():
-        return LOCAL_CLUSTER_ADDRESS_FILE.read_text().strip() or None
+    address = local_cluster_dir() / "address"
+    if address.exists():
+        return address.read_text().strip() or None
     return None
 
 
@@ -115,6 +124,3 @@ def cpus_available() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1.0))
-
-
-load_cluster_env()

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from stemqa.runs import Run
 from stemqa.tracking import read_rows
+from stemqa.train.history import TrainHistory, read_history
 
 TRAIN_STAGES = ("sft", "dpo")
 
@@ -31,17 +32,24 @@ def dir_size_mb(path) -> float:
     return sum(f.stat().st_size for f in files) / 2**20
 
 
+def stage_history(run: Run, stage: str) -> Optional[TrainHistory]:
+    """A training stage's per-step history (its `history` artifact), if it has one."""
+    path = run.manifest()["stages"].get(stage, {}).get("artifacts", {}).get("history")
+    return read_history(str(run.path / path)) if path else None
+
+
 def loss_series(run: Run, stage: str) -> list[tuple[int, float]]:
-    """(step, train loss) of a stage: metrics.jsonl when tracking wrote it, else the manifest's `losses`."""
+    """(step, train loss) of a stage: metrics.jsonl when tracking wrote it, else the stage's history file."""
     rows = [(r["step"], r["train/loss"]) for r in read_rows(run.path, stage) if r.get("step") and "train/loss" in r]
     if rows:
         return rows
-    losses = run.manifest()["stages"].get(stage, {}).get("metrics", {}).get("losses") or []
-    return list(enumerate(losses, start=1))
+    history = stage_history(run, stage)
+    return [(s.step, s.loss) for s in history.steps] if history else []
 
 
 def dpo_evals(run: Run) -> list[dict]:
-    return run.manifest()["stages"].get("dpo", {}).get("metrics", {}).get("evals") or []
+    history = stage_history(run, "dpo")
+    return history.eval_dicts() if history else []
 
 
 def eval_results(run: Run) -> dict[str, dict[str, dict]]:

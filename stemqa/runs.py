@@ -26,7 +26,7 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 
 class Run:
     def __init__(self, path):
-        self.path = Path(path)
+        self.path = Path(path).resolve()  # artifacts are recorded relative to it
         self.manifest_path = self.path / "manifest.json"
         if not self.manifest_path.exists():
             raise FileNotFoundError(f"{self.path}: not a run directory (no manifest.json)")

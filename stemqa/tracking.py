@@ -8,13 +8,13 @@
                                            +  TensorBoard event files (<run>/tensorboard/<stage>)
                                            +  Weights & Biases (offline by default) when configured
 
-A stage's metrics are the dict it records in the manifest; its per-step series are `losses` (train loss per
-optimizer step, SFT and DPO) and `evals` (DPO validation {step, reward_accuracy, reward_margin, loss}).
+A stage's metrics are the scalars it records in the manifest; a training stage's per-step series (train loss per
+optimizer step, validations) are its history file (`stemqa.train.history`, <run>/<stage>/history.jsonl).
 Train V2 has no tracker callback; Ray's docs say to call the tracker from the train function, which is what
 StepLogger does with Ray's own `setup_mlflow` / `setup_wandb` (rank 0 only), so the curves grow while a job runs.
 The driver then adds the stage's summary to the same tracker runs. Stages without a Train loop, and callers
-that pass no `live`, get their per-step rows logged by the driver after the stage. Sweeps use Ray Tune's own
-logger callbacks (`tune_callbacks`). MLflow runs of one stemqa run share a parent run named after it, one child
+that pass no `live`, get their per-step rows logged by the driver after the stage. Sweeps register Ray Tune's
+own logger callbacks (`tune_callbacks`): one tracker run per trial, every report a step. MLflow runs of one stemqa run share a parent run named after it, one child
 per stage.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 from stemqa.config.schema import TrackingConfig  # noqa: E402  (the section lives in the one config tree)
+from stemqa.train.history import TrainHistory  # noqa: E402
 
 
 # ---------------------------------------------------------------- a stage's metrics -> rows per step
@@ -44,17 +45,11 @@ def _scalar(v: Any) -> Optional[float]:
     return None
 
 
-def stage_rows(metrics: dict) -> list[dict]:
-    """Rows {"step", <name>: value, ...}: one per train step, one per eval, then {"step": None, scalars...}."""
-    rows: dict[int, dict] = {}
-    for i, loss in enumerate(metrics.get("losses") or [], start=1):
-        if _scalar(loss) is not None:
-            rows.setdefault(i, {})["train/loss"] = float(loss)
-    for ev in metrics.get("evals") or []:
-        vals = {f"val/{k}": float(v) for k, v in ev.items() if k != "step" and _scalar(v) is not None}
-        rows.setdefault(int(ev["step"]), {}).update(vals)
-    out = [{"step": s, **vals} for s, vals in sorted(rows.items())]
-    flat = _params({k: v for k, v in metrics.items() if k not in ("losses", "evals")})  # nested dicts -> a.b
+def stage_rows(metrics: dict, history: Optional[TrainHistory] = None) -> list[dict]:
+    """Rows {"step", <name>: value, ...}: one per train step and eval of the stage's history (train/loss,
+    val/<metric>), then {"step": None, scalars...} with the stage's metrics."""
+    out = history.tracker_rows() if history is not None else []
+    flat = _params(metrics)  # nested dicts -> a.b
     # a stage's final metrics may carry its last "step"; the summary row's step must stay None
     summary = {k.replace("/", "."): _scalar(v) for k, v in flat.items() if _scalar(v) is not None and k != "step"}
     if summary:
@@ -284,24 +279,24 @@ class StepLogger:
 
 
 def log_stage(run, stage: str, metrics: dict, cfg: Optional[TrackingConfig] = None,
-              config: Optional[dict] = None, live: Optional[LiveTarget] = None) -> Path:
-    """Write <run>/<stage>/metrics.jsonl from the stage's metrics, then log them to each configured tracker.
+              config: Optional[dict] = None, live: Optional[LiveTarget] = None,
+              history: Optional[TrainHistory] = None) -> Path:
+    """Write <run>/<stage>/metrics.jsonl from the stage's metrics and history, then log them to each tracker.
 
     `run` is a `stemqa.runs.Run`; `config` the stage's config (logged as params); `live` the stage's tracker runs
-    from `open_stage`. When the stage's Train workers logged its steps live (metrics["tracked_live"]), only the
-    summary goes to the trackers from here. Returns the jsonl path. A tracker that fails (server down, package
-    missing) raises after the jsonl is written.
+    from `open_stage`: its Train workers logged the history's steps into them as they trained, so only the summary
+    goes to the trackers from here. Returns the jsonl path. A tracker that fails (server down, package missing)
+    raises after the jsonl is written.
     """
     cfg = cfg or TrackingConfig()
     if stage == "eval":  # the per-subject accuracies live in the stage's files, not in its manifest metrics
         metrics = {**eval_per_subject(run.stage_dir(stage)), **metrics}
-    steps_logged = bool(live) and bool(metrics.get("tracked_live"))
-    rows = stage_rows({k: v for k, v in metrics.items() if k != "tracked_live"})
+    rows = stage_rows(metrics, history)
     path = run.stage_dir(stage) / METRICS_FILE
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)
-    to_log = [r for r in rows if r["step"] is None] if steps_logged else rows
+    to_log = [r for r in rows if r["step"] is None] if live is not None and history is not None else rows
     for backend in cfg.backends:
         if backend == "mlflow":
             child = live.mlflow_run_id if live and live.mlflow_run_id else \

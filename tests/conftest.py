@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import stemqa.ray_utils  # noqa: F401  first: loads a local cluster's client env before anything imports ray
+import stemqa.ray_utils
+
+stemqa.ray_utils.load_cluster_env()  # first: a local cluster's client env, before anything imports ray
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STEMQA_DATA_ROOT", ROOT.parent / "shared" / "data"))

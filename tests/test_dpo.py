@@ -8,6 +8,7 @@ from stemqa.config import load_config
 from stemqa.data.preference import Pair, prepare_pairs, read_pairs
 from stemqa.models.loader import load_causal_lm, load_tokenizer
 from stemqa.train.dpo import collate_pairs, encode_pair, reference_logps, run_dpo, sequence_logps
+from stemqa.train.loop import TrainHooks, TrainOptions
 
 PAIRS = [Pair("a", "Question: 2 + 3 = ?\nAnswer:", " 2 + 3 = 5. The answer is 5", " The answer is 7", "t"),
          Pair("b", "Question: What is the speed of light in vacuum, roughly?\nAnswer:", " 3e8 m/s", " 10 m/s", "t")]
@@ -45,11 +46,11 @@ def test_dpo_run_gives_metrics_and_model(ray_local, shared_data, tiny_model, tmp
                          tmp_path / "pairs")
     assert prep["counts"]["split_by"] == "sizes"
     result = run_dpo(cfg, tmp_path / "pairs", tmp_path / "out", "tiny-qwen3")
-    m = result["metrics"]
-    assert m["steps"] == 4 and [e["step"] for e in m["evals"]] == [0, 2, 4]
+    m, evals = result.metrics, result.history.eval_dicts()
+    assert m["steps"] == 4 and [e["step"] for e in evals] == [0, 2, 4]
     assert m["val_reward_accuracy_before"] <= 0.1  # policy == reference at the start: no reward yet
     assert m["val_reward_accuracy_best"] >= 0.75 and m["test_reward_accuracy"] >= 0.75, m
-    assert m["evals"][-1]["loss"] < m["evals"][0]["loss"]
+    assert evals[-1]["loss"] < evals[0]["loss"]
     assert m["ref_logps_computed"] is True
     # stored beside the pairs, one score per pair, and reused by a second call
     ref_dir = tmp_path / "pairs/ref_logps"
@@ -58,7 +59,7 @@ def test_dpo_run_gives_metrics_and_model(ray_local, shared_data, tiny_model, tmp
     pairs = {s: read_pairs(tmp_path / f"pairs/{s}.jsonl") for s in ("train", "val", "test")}
     again = reference_logps(tmp_path / "pairs", tiny_model, pairs, cfg.dpo)
     assert again["computed"] is False
-    assert load_causal_lm(result["model_dir"], device="cpu") is not None
+    assert load_causal_lm(result.model_dir, device="cpu") is not None
 
 
 DPO_RESUME = ["model.name=tiny-qwen3", "dpo.lr=1e-3", "dpo.max_steps=5", "dpo.eval_every=2", "dpo.patience=10",
@@ -67,26 +68,32 @@ DPO_RESUME = ["model.name=tiny-qwen3", "dpo.lr=1e-3", "dpo.max_steps=5", "dpo.ev
 
 @pytest.fixture(scope="module")
 def dpo_clean(ray_local, shared_data, tiny_model, tmp_path_factory):
-    """Pairs (reference log-probs computed once) and an uninterrupted 5-step run with the sample ids logged."""
+    """Pairs (reference log-probs computed once) and an uninterrupted 5-step run: what resumes must equal."""
     tmp = tmp_path_factory.mktemp("dpo_resume")
     cfg = load_config("demo", DPO_RESUME + ["dpo.resources.max_failures=1"])
     prepare_pairs(["aqua:mcq/aqua_rat/dev.json"], shared_data, load_tokenizer(tiny_model), cfg.dpo, tmp / "pairs")
-    clean = run_dpo(cfg, tmp / "pairs", tmp / "clean", "tiny-qwen3", log_sample_ids=True)["metrics"]
-    return {"tmp": tmp, "cfg": cfg, "metrics": clean}
+    clean = run_dpo(cfg, tmp / "pairs", tmp / "clean", "tiny-qwen3")
+    return {"tmp": tmp, "cfg": cfg, "metrics": clean.metrics, "history": clean.history}
+
+
+def crash_at(step: int) -> TrainOptions:
+    return TrainOptions(hooks=TrainHooks(fail_at_step=step))
 
 
 @pytest.mark.slow
 def test_dpo_resumes_after_worker_death_with_identical_sample_order(dpo_clean):
-    """A worker dies after step 3; Ray Train restarts it from the step-2 checkpoint; the pair ids trained on, in
-    order, the losses and the validations equal those of the uninterrupted run."""
-    tmp, cfg, clean = dpo_clean["tmp"], dpo_clean["cfg"], dpo_clean["metrics"]
-    crashed = run_dpo(cfg, tmp / "pairs", tmp / "crash", "tiny-qwen3", log_sample_ids=True, fail_at_step=3)["metrics"]
-    assert len(clean["sample_ids"]) == 5 * 2 and len(clean["sample_ids"][0]) == 1  # 2 micro-batches of 1 per step
+    """A worker dies after step 3; Ray Train restarts it from the step-2 checkpoint; the pair ids every rank
+    trained on, in order, the losses and the validations equal those of the uninterrupted run."""
+    tmp, cfg, clean, clean_h = dpo_clean["tmp"], dpo_clean["cfg"], dpo_clean["metrics"], dpo_clean["history"]
+    result = run_dpo(cfg, tmp / "pairs", tmp / "crash", "tiny-qwen3", options=crash_at(3))
+    crashed, crashed_h = result.metrics, result.history
+    ids = clean_h.sample_ids  # [rank][step]: 2 ranks, 5 steps of 2 micro-batches of 1 pair
+    assert len(ids) == 2 and all(len(r) == 5 and len(r[0]) == 2 for r in ids)
     assert clean["resumed_from_step"] is None and crashed["resumed_from_step"] == 2
-    assert crashed["sample_ids"] == clean["sample_ids"]
+    assert crashed_h.sample_ids == clean_h.sample_ids
     assert crashed["steps"] == clean["steps"] == 5
-    assert crashed["losses"] == pytest.approx(clean["losses"], rel=1e-3)
-    assert [e["step"] for e in crashed["evals"]] == [e["step"] for e in clean["evals"]] == [0, 2, 4, 5]
+    assert crashed_h.losses == pytest.approx(clean_h.losses, rel=1e-3)
+    assert [e.step for e in crashed_h.evals] == [e.step for e in clean_h.evals] == [0, 2, 4, 5]
     assert crashed["val_reward_accuracy_best"] == pytest.approx(clean["val_reward_accuracy_best"])
 
 
@@ -94,14 +101,16 @@ def test_dpo_resumes_after_worker_death_with_identical_sample_order(dpo_clean):
 def test_dpo_resubmitted_crashed_or_finished_run_resumes(dpo_clean):
     """A run that crashed for good (max_failures=0), submitted again under the same name, continues from its last
     checkpoint with the same pairs in the same order; a finished one submitted again trains nothing more."""
-    tmp, clean = dpo_clean["tmp"], dpo_clean["metrics"]
+    tmp, clean_h = dpo_clean["tmp"], dpo_clean["history"]
     cfg = load_config("demo", DPO_RESUME + ["dpo.resources.max_failures=0"])
     with pytest.raises(Exception):
-        run_dpo(cfg, tmp / "pairs", tmp / "crash0", "tiny-qwen3", log_sample_ids=True, fail_at_step=3)
-    again = run_dpo(cfg, tmp / "pairs", tmp / "crash0", "tiny-qwen3", log_sample_ids=True)["metrics"]
+        run_dpo(cfg, tmp / "pairs", tmp / "crash0", "tiny-qwen3", options=crash_at(3))
+    result = run_dpo(cfg, tmp / "pairs", tmp / "crash0", "tiny-qwen3")
+    again, again_h = result.metrics, result.history
     assert again["resumed_from_step"] == 2 and again["steps"] == 5 and again["ref_logps_computed"] is False
-    assert again["sample_ids"] == clean["sample_ids"]
-    assert again["losses"] == pytest.approx(clean["losses"], rel=1e-3)
-    finished = run_dpo(dpo_clean["cfg"], tmp / "pairs", tmp / "clean", "tiny-qwen3", log_sample_ids=True)["metrics"]
-    assert finished["resumed_from_step"] == 5 and finished["losses"] == clean["losses"]
-    assert finished["sample_ids"] == clean["sample_ids"]
+    assert again_h.sample_ids == clean_h.sample_ids
+    assert again_h.losses == pytest.approx(clean_h.losses, rel=1e-3)
+    result = run_dpo(dpo_clean["cfg"], tmp / "pairs", tmp / "clean", "tiny-qwen3")
+    finished, finished_h = result.metrics, result.history
+    assert finished["resumed_from_step"] == 5 and finished_h.losses == clean_h.losses
+    assert finished_h.sample_ids == clean_h.sample_ids

@@ -46,6 +46,8 @@ def test_pipeline_submitted_as_a_ray_job(submit_job, tmp_path, shared_data):
     answer = json.loads((run_dir / stages["serve"]["artifacts"]["answer"]).read_text())
     assert answer["answer"] in "ABCD" and abs(sum(answer["probabilities"].values()) - 1) < 1e-3
     assert "stemqa pipeline" in logs  # the summary table was printed
+    # progress while the stages ran, from the Train workers and Ray tasks on both nodes, in the job's log
+    assert "[sft] step 2/2 (100%)" in logs and "[dpo] step 2/2 (100%)" in logs, logs[-4000:]
 
     # the Train workers logged each step into the stage's MLflow run as they trained (one timestamp per step;
     # the driver adds only the summary afterwards), the runs children of the stemqa run's parent run

@@ -136,7 +136,7 @@ def test_quantize_job_runs_as_a_ray_task(ray_local, tiny_model, records, tmp_pat
     out = tmp_path / "model"
     args = ["--config", "demo", "--address", "local", "--model", tiny_model, "--calib", str(calib)]
     assert main(args + ["--out", str(out), "--set", "quant.group_size=32", "--set", "quant.calibration_samples=4"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    result = json.loads(capsys.readouterr().out)["metrics"]
     assert result["method"] == "gptq" and result["calibration_samples"] == 4 and result["group_size"] == 32
     assert load_causal_lm(str(out)).lm_head.weight.dtype == torch.float32
     with pytest.raises(SystemExit):  # a bad group size is one clear line, not a Ray traceback

@@ -14,6 +14,7 @@ from test_tracking import SAMPLE, real_dpo_evals, real_sft_losses, sample_record
 
 from stemqa.runs import Run
 from stemqa.tracking import TrackingConfig, log_stage
+from stemqa.train.history import TrainHistory
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -37,11 +38,13 @@ class WordOverlapRetriever:
 def _sft_stage(run: Run, model_path: str, grad_accum: int, tracking: TrackingConfig):
     losses = real_sft_losses(model_path, grad_accum=grad_accum, steps=4)
     cfg = {"lr": 1e-3, "batch_size": 2, "grad_accum": grad_accum}
+    history = TrainHistory.of(losses)
     with run.stage("sft", inputs={"train": "filter/kept.jsonl", "base_model": "tiny-qwen3"}, config=cfg) as rec:
         shutil.copytree(model_path, rec.dir / "model")
         rec.add_artifact("model", rec.dir / "model")
-        rec.add_metrics(losses=losses, train_loss_first=losses[0], train_loss_last=losses[-1], steps=len(losses))
-    log_stage(run, "sft", run.manifest()["stages"]["sft"]["metrics"], tracking, cfg)
+        rec.add_artifact("history", history.write(rec.dir / "history.jsonl"))
+        rec.add_metrics(train_loss_first=losses[0], train_loss_last=losses[-1], steps=len(losses))
+    log_stage(run, "sft", run.manifest()["stages"]["sft"]["metrics"], tracking, cfg, history=history)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +73,9 @@ def runs(tmp_path_factory, tiny_model):
     with main.stage("dpo", inputs={"base_model": "sft/model"}, config={"beta": 0.1}) as rec:
         shutil.copytree(tiny_model, rec.dir / "model")
         rec.add_artifact("model", rec.dir / "model")
-        rec.add_metrics(losses=[e["loss"] for e in evals[1:] for _ in (0, 1)], evals=evals,
-                        val_reward_accuracy_best=max(e["reward_accuracy"] for e in evals))
+        history = TrainHistory.of([e["loss"] for e in evals[1:] for _ in (0, 1)], evals)
+        rec.add_artifact("history", history.write(rec.dir / "history.jsonl"))
+        rec.add_metrics(val_reward_accuracy_best=max(e["reward_accuracy"] for e in evals))
     with main.stage("quant", inputs={"model": "dpo/model"}) as rec:
         res = quantize(QuantConfig(method="int8-weight", group_size=16, calibration_samples=2),
                        str(main.artifact("dpo", "model")), records, rec.dir / "model")
@@ -97,7 +101,7 @@ def runs(tmp_path_factory, tiny_model):
 def test_report_renders_in_chromium(runs):
     from playwright.sync_api import sync_playwright
 
-    from jobs.report import main as report_main
+    from stemqa.cli.report import main as report_main
 
     main, other = runs
     assert report_main([str(main.path), "--compare", str(other.path)]) == 0
@@ -141,16 +145,16 @@ def test_eval_stage_logs_per_subject_accuracy(runs):
 
 
 def test_comparison_labels_name_the_differing_setting(runs):
-    from stemqa.report import _differing, loss_series
+    from stemqa.report import _differing, loss_series, stage_history
 
     main, other = runs
     assert _differing([main, other], "sft") == {"demo-ga1": "grad_accum=1", "demo-ga4": "grad_accum=4"}
-    from jobs.runs import lineage
+    from stemqa.cli.runs import lineage
 
     assert ("eval", "models", "quant.model") in lineage(main.manifest())
-    # metrics.jsonl (written by tracking) and the manifest agree on the curve
-    manifest_losses = main.manifest()["stages"]["sft"]["metrics"]["losses"]
-    assert [v for _, v in loss_series(main, "sft")] == pytest.approx(manifest_losses)
+    # metrics.jsonl (written by tracking) and the stage's history file agree on the curve
+    history_losses = stage_history(main, "sft").losses
+    assert [v for _, v in loss_series(main, "sft")] == pytest.approx(history_losses)
 
 
 def test_report_of_partial_run_says_what_is_missing(tmp_path):

@@ -111,7 +111,7 @@ def app_url(served):
 
 def deploy_with_key(cfg, model, index_dir):
     """Deploy with the API key in the environment, as an operator would; the env is restored after."""
-    from jobs.serve import deploy
+    from stemqa.stages.serve import deploy
 
     old = os.environ.get(cfg.serve.api_key_env)
     os.environ[cfg.serve.api_key_env] = KEY

@@ -21,7 +21,7 @@ LL_TOLERANCE = 2e-3  # nats; the server pads a batch of 4 on the left, the evalu
 def smollm2_url(ray_local, smollm2):
     from ray import serve
 
-    from jobs.serve import deploy
+    from stemqa.stages.serve import deploy
     from stemqa.config import load_config
 
     cfg = load_config("demo", [f"serve.port={PORT}", "serve.autoscaling.min_replicas=1",

@@ -17,8 +17,9 @@ from stemqa.runs import Run
 from stemqa.tracking import TrackingConfig, log_stage, open_stage
 from stemqa.data.qa import QA, QAFormatError, load_qa_file, write_qa
 from stemqa.config.schema import TrainResources
-from stemqa.train import common
+from stemqa.train import checkpoint, common
 from stemqa.train.common import tcmalloc_soname
+from stemqa.train.loop import TrainHooks, TrainOptions
 from stemqa.train.sft import (collate, completion_loss, encode_mcq, encode_qa, pack, packed_token_logps,
                               prepare_samples, run_sft)
 
@@ -179,29 +180,27 @@ def test_resume_takes_the_newest_checkpoint_every_rank_finished_uploading(tmp_pa
 
     from pyarrow import fs as pafs
 
-    from stemqa.train import common
-
     def ckpt(step, world=2, uploaded=(0, 1), state=True, tag="a"):
-        d = tmp_path / f"{common.CKPT_PREFIX}{step:08d}_{tag}"
+        d = tmp_path / f"{checkpoint.CKPT_PREFIX}{step:08d}_{tag}"
         d.mkdir()
         if state:
-            (d / common.TRAINER_STATE).write_text(json.dumps({"step": step, "world": world}))
+            (d / checkpoint.TRAINER_STATE).write_text(json.dumps({"step": step, "world": world}))
         for r in uploaded:
-            (d / common.UPLOADED.format(r)).touch()
+            (d / checkpoint.UPLOADED.format(r)).touch()
         return SimpleNamespace(path=str(d))
 
-    monkeypatch.setattr(common, "_run_storage", lambda: (pafs.LocalFileSystem(), str(tmp_path)))
+    monkeypatch.setattr(checkpoint, "_run_storage", lambda: (pafs.LocalFileSystem(), str(tmp_path)))
     known = ckpt(2)
-    assert common._newer_complete(known) is None  # nothing newer than Ray's
+    assert checkpoint._newer_complete(known) is None  # nothing newer than Ray's
     (tmp_path / "checkpoint_2026-12-04_00-00-00.000000").mkdir()  # Ray's default name, no step: never chosen
     ckpt(6, uploaded=(0,))  # rank 1 died before its upload finished
     ckpt(5, state=False)  # rank 0's trainer state missing
-    assert common._newer_complete(known) is None
+    assert checkpoint._newer_complete(known) is None
     orphan = ckpt(4)
     ckpt(1)
-    assert common._newer_complete(known) == orphan.path and "newer than Ray's" in caplog.text
-    assert common._newer_complete(None) == orphan.path  # Ray registered none at all
-    assert common._newer_complete(ckpt(4, world=1, uploaded=(0,), tag="b")) is None  # a tie: Ray's
+    assert checkpoint._newer_complete(known) == orphan.path and "newer than Ray's" in caplog.text
+    assert checkpoint._newer_complete(None) == orphan.path  # Ray registered none at all
+    assert checkpoint._newer_complete(ckpt(4, world=1, uploaded=(0,), tag="b")) is None  # a tie: Ray's
 
 
 def test_train_workers_env_preloads_tcmalloc_or_warns_and_uses_the_system_allocator(monkeypatch, caplog):
@@ -233,29 +232,29 @@ def test_sft_run_saves_loadable_model_and_loss_falls(ray_local, shared_data, tin
     run = Run.create(str(tmp_path / "runs"), "t")
     tracking = TrackingConfig(experiment="live")  # MLflow file store + TensorBoard, the default backends
     live = open_stage(run, "sft", tracking, {"lr": 1e-3})
-    result = run_sft(cfg, tmp_path / "train.jsonl", tmp_path / "out", tracking=live)
+    result = run_sft(cfg, tmp_path / "train.jsonl", tmp_path / "out", options=TrainOptions(tracking=live))
     returned_ms = time.time() * 1000
-    m = result["metrics"]
+    m, history = result.metrics, result.history
     assert m["steps"] == 6 and m["train_samples"] == 36 and m["eval_samples"] == 4
-    log_stage(run, "sft", m, tracking, {"lr": 1e-3}, live)
+    log_stage(run, "sft", m, tracking, {"lr": 1e-3}, live, history)
     # the Train worker logged each step into the stage's MLflow run while it trained (each step at its own
     # time, all before run_sft returned); the driver added the summary only, so no step appears twice
     client = MlflowClient(tracking_uri=live.mlflow_uri)
     hist = sorted(client.get_metric_history(live.mlflow_run_id, "train/loss"), key=lambda h: h.step)
     assert [h.step for h in hist] == [1, 2, 3, 4, 5, 6]
-    assert [h.value for h in hist] == pytest.approx(m["losses"])
+    assert [h.value for h in hist] == pytest.approx(history.losses)
     assert len({h.timestamp for h in hist}) == 6 and hist[-1].timestamp <= returned_ms
     logged = client.get_run(live.mlflow_run_id)
     assert logged.data.metrics["train_loss_last"] == pytest.approx(m["train_loss_last"])
     assert logged.data.params["lr"] == "0.001" and logged.info.status == "FINISHED"
     assert [v for _, v in sorted(read_tb_scalars(run.path / "tensorboard/sft")["train/loss"])] == \
-        pytest.approx(m["losses"])
+        pytest.approx(history.losses)
     assert m["eval_loss"] < m["eval_loss_before"] - 0.1, m
     assert m["train_loss_last"] < m["train_loss_first"], m
     assert m["tokens"] > 0 and m["tokens_per_s"] > 0
     # the worker process ran with tcmalloc mapped when this machine has it (resources.allocator's default)
     assert m["allocator"] == ("tcmalloc" if tcmalloc_soname() else "system")
-    model = load_causal_lm(result["model_dir"], device="cpu")  # a plain HF dir, ZeRO-3 shards gathered
+    model = load_causal_lm(result.model_dir, device="cpu")  # a plain HF dir, ZeRO-3 shards gathered
     base = load_causal_lm(tiny_model, device="cpu")
     key = "model.layers.0.self_attn.q_proj.weight"
     w, w0 = model.state_dict()[key], base.state_dict()[key]
@@ -269,25 +268,32 @@ RESUME_OVERRIDES = ["model.name=tiny-qwen3", "sft.lr=1e-3", "sft.max_steps=5", "
 
 @pytest.fixture(scope="module")
 def sft_clean(ray_local, shared_data, tmp_path_factory):
-    """An uninterrupted 5-step run (2 workers, 2 micro-batches of 2 per step), ids logged: what resumes must equal."""
+    """An uninterrupted 5-step run (2 workers, 2 micro-batches of 2 per step): what resumes must equal."""
     tmp = tmp_path_factory.mktemp("sft_resume")
     records, _ = load_file(shared_data / "mcq/arc/ARC-Easy-train.jsonl", "arc_jsonl", source="arc",
                            subject="science", limit=24)
     write_records(records, tmp / "train.jsonl")
     cfg = load_config("demo", RESUME_OVERRIDES + ["sft.resources.max_failures=1"])
-    result = run_sft(cfg, tmp / "train.jsonl", tmp / "clean", log_sample_ids=True)
-    return {"tmp": tmp, "cfg": cfg, "metrics": result["metrics"]}
+    result = run_sft(cfg, tmp / "train.jsonl", tmp / "clean")
+    return {"tmp": tmp, "cfg": cfg, "metrics": result.metrics, "history": result.history}
+
+
+def crash_at(step: int) -> TrainOptions:
+    return TrainOptions(hooks=TrainHooks(fail_at_step=step))
 
 
 @pytest.mark.slow
 def test_sft_resumes_after_worker_death_with_identical_sample_order(sft_clean):
-    """A worker dies after step 3; Ray Train restarts from the step-2 checkpoint; the ids trained on, in order,
-    and the losses equal those of an uninterrupted run (nothing skipped, nothing trained twice)."""
-    tmp, cfg, clean = sft_clean["tmp"], sft_clean["cfg"], sft_clean["metrics"]
-    crashed = run_sft(cfg, tmp / "train.jsonl", tmp / "crash", log_sample_ids=True, fail_at_step=3)["metrics"]
-    assert len(clean["sample_ids"]) == 5 and len(clean["sample_ids"][0]) == 2 * 2  # 2 micro-batches of 2
+    """A worker dies after step 3; Ray Train restarts from the step-2 checkpoint; the ids every rank trained on,
+    in order, and the losses equal those of an uninterrupted run (nothing skipped, nothing trained twice)."""
+    tmp, cfg, clean, clean_h = sft_clean["tmp"], sft_clean["cfg"], sft_clean["metrics"], sft_clean["history"]
+    result = run_sft(cfg, tmp / "train.jsonl", tmp / "crash", options=crash_at(3))
+    crashed, crashed_h = result.metrics, result.history
+    ids = clean_h.sample_ids  # [rank][step]
+    assert len(ids) == 2 and all(len(r) == 5 and len(r[0]) == 2 * 2 for r in ids)  # 2 ranks, 2 micro-batches of 2
+    assert not set(ids[0][0]) & set(ids[1][0])  # the ranks train on different samples
     assert clean["resumed_from_step"] is None and crashed["resumed_from_step"] == 2
-    assert crashed["sample_ids"] == clean["sample_ids"]
+    assert crashed_h.sample_ids == clean_h.sample_ids
     assert crashed["steps"] == clean["steps"] == 5
     assert crashed["train_loss_last"] == pytest.approx(clean["train_loss_last"], rel=1e-3)
 
@@ -297,18 +303,20 @@ def test_sft_resubmitted_crashed_or_finished_run_resumes(sft_clean):
     """A run that crashed for good (max_failures=0) and is submitted again under the same name continues from its
     last checkpoint; a finished one submitted again trains nothing more. The resumed run uses packing, which
     trains on the same samples with the same loss, so its losses equal the unpacked clean run's."""
-    tmp, clean = sft_clean["tmp"], sft_clean["metrics"]
+    tmp, clean, clean_h = sft_clean["tmp"], sft_clean["metrics"], sft_clean["history"]
     cfg = load_config("demo", RESUME_OVERRIDES + ["sft.resources.max_failures=0", "sft.packing=true"])
     with pytest.raises(Exception):
-        run_sft(cfg, tmp / "train.jsonl", tmp / "crash0", log_sample_ids=True, fail_at_step=3)
-    again = run_sft(cfg, tmp / "train.jsonl", tmp / "crash0", log_sample_ids=True)["metrics"]
+        run_sft(cfg, tmp / "train.jsonl", tmp / "crash0", options=crash_at(3))
+    result = run_sft(cfg, tmp / "train.jsonl", tmp / "crash0")
+    again, again_h = result.metrics, result.history
     assert again["resumed_from_step"] == 2 and again["steps"] == 5
-    assert again["sample_ids"] == clean["sample_ids"]
-    assert again["losses"] == pytest.approx(clean["losses"], rel=1e-3)
+    assert again_h.sample_ids == clean_h.sample_ids
+    assert again_h.losses == pytest.approx(clean_h.losses, rel=1e-3)
     assert again["tokens"] == clean["tokens"]  # real tokens in both layouts: packing adds and drops none
-    finished = run_sft(sft_clean["cfg"], tmp / "train.jsonl", tmp / "clean", log_sample_ids=True)["metrics"]
-    assert finished["resumed_from_step"] == 5 and finished["sample_ids"] == clean["sample_ids"]
-    assert finished["losses"] == clean["losses"]
+    result = run_sft(sft_clean["cfg"], tmp / "train.jsonl", tmp / "clean")
+    finished, finished_h = result.metrics, result.history
+    assert finished["resumed_from_step"] == 5 and finished_h.sample_ids == clean_h.sample_ids
+    assert finished_h.losses == clean_h.losses
     assert load_causal_lm(str(tmp / "clean/model"), device="cpu") is not None
 
 
@@ -326,12 +334,13 @@ def test_sft_step_is_the_token_mean_however_the_batch_is_split(ray_local, shared
                "2x2": ["sft.batch_size=2", "sft.grad_accum=1", "sft.resources.num_workers=2"]}
     lens = [len(encode_qa(load_tokenizer(tiny_model), r, 256)["completion"]) for r in records]
     assert max(lens) > 2 * min(lens)  # micro-batches of unequal token counts: a per-micro-batch mean would differ
-    runs = {name: run_sft(load_config("demo", base + o), tmp_path / "qa.jsonl", tmp_path / name,
-                          log_sample_ids=True)["metrics"] for name, o in layouts.items()}
+    runs = {name: run_sft(load_config("demo", base + o), tmp_path / "qa.jsonl", tmp_path / name).history
+            for name, o in layouts.items()}
     ref = runs["1x4"]
-    for name, m in runs.items():
-        # the same samples in each step (with 2 workers, rank 0 logs its half)
-        assert all(set(a) <= set(b) for a, b in zip(m["sample_ids"], ref["sample_ids"], strict=True)), name
+    for name, h in runs.items():
+        # the same samples in each step (with 2 workers, each rank trains on its half)
+        steps = [sorted(sum((ids[s] for ids in h.sample_ids), [])) for s in range(3)]
+        assert steps == [sorted(ids) for ids in ref.sample_ids[0]], name
         # measured: 5e-7 apart; 7.5e-4 at step 2 when each micro-batch's mean counted alike
-        assert m["losses"] == pytest.approx(ref["losses"], abs=2e-5), (name, m["losses"], ref["losses"])
-    assert ref["losses"][-1] < ref["losses"][0]
+        assert h.losses == pytest.approx(ref.losses, abs=2e-5), (name, h.losses, ref.losses)
+    assert ref.losses[-1] < ref.losses[0]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import stemqa.ray_utils  # noqa: F401  first: it loads the local cluster's auth env before ray is imported
 from stemqa.runs import Run
 from stemqa.tracking import TrackingConfig, log_stage, read_rows, stage_rows
+from stemqa.train.history import TrainHistory
 
 SAMPLE = Path(__file__).resolve().parents[1] / "stemqa" / "sample_data"
 
@@ -88,10 +88,10 @@ def read_tb_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_stage_rows_from_sft_and_dpo_metrics():
-    rows = stage_rows({"losses": [2.0, 1.5, 1.0], "evals": [{"step": 0, "reward_accuracy": 0.5, "reward_margin": 0.0},
-                                                          {"step": 2, "reward_accuracy": 0.75, "reward_margin": 0.2}],
-                       "train_loss_last": 1.0, "stopped_early": False, "sample_ids": [[1]], "note": "x",
-                       "pairs": {"train": 8}})
+    history = TrainHistory.of([2.0, 1.5, 1.0], [{"step": 0, "reward_accuracy": 0.5, "reward_margin": 0.0},
+                                                {"step": 2, "reward_accuracy": 0.75, "reward_margin": 0.2}])
+    rows = stage_rows({"train_loss_last": 1.0, "stopped_early": False, "sample_ids": [[1]], "note": "x",
+                       "pairs": {"train": 8}}, history)
     assert rows[0] == {"step": 0, "val/reward_accuracy": 0.5, "val/reward_margin": 0.0}
     assert rows[2] == {"step": 2, "train/loss": 1.5, "val/reward_accuracy": 0.75, "val/reward_margin": 0.2}
     assert rows[-1] == {"step": None, "train_loss_last": 1.0, "stopped_early": 0.0, "pairs.train": 8.0}
@@ -101,8 +101,9 @@ def test_no_tracker_keeps_metrics_in_run_dir(tmp_path, tiny_model):
     run = Run.create(str(tmp_path), "t")
     losses = real_sft_losses(tiny_model, grad_accum=1, steps=3)
     with run.stage("sft") as rec:
-        rec.add_metrics(losses=losses, train_loss_last=losses[-1])
-    path = log_stage(run, "sft", run.manifest()["stages"]["sft"]["metrics"], TrackingConfig(backends=[]))
+        rec.add_metrics(train_loss_last=losses[-1])
+    path = log_stage(run, "sft", run.manifest()["stages"]["sft"]["metrics"], TrackingConfig(backends=[]),
+                     history=TrainHistory.of(losses))
     rows = read_rows(run.path, "sft")
     assert path == run.path / "sft" / "metrics.jsonl"
     assert [r["train/loss"] for r in rows if r["step"]] == pytest.approx(losses)
@@ -114,12 +115,13 @@ def test_mlflow_file_store_and_tensorboard(tmp_path):
 
     run = Run.create(str(tmp_path), "t", run_id="r1")
     evals = real_dpo_evals()
-    metrics = {"losses": [0.69, 0.6, 0.5, 0.4], "evals": evals,
-               "val_reward_accuracy_best": evals[-1]["reward_accuracy"]}
+    losses = [0.69, 0.6, 0.5, 0.4]
+    metrics = {"val_reward_accuracy_best": evals[-1]["reward_accuracy"]}
     cfg = TrackingConfig(experiment="stemqa-test")
     many = {f"p{i}": i for i in range(150)}  # more params than one MLflow batch takes
-    log_stage(run, "sft", {"losses": [2.0, 1.0]}, cfg, config={"lr": 1e-4, "resources": {"grad_accum": 2}, **many})
-    log_stage(run, "dpo", metrics, cfg, config={"beta": 0.1})
+    log_stage(run, "sft", {}, cfg, config={"lr": 1e-4, "resources": {"grad_accum": 2}, **many},
+              history=TrainHistory.of([2.0, 1.0]))
+    log_stage(run, "dpo", metrics, cfg, config={"beta": 0.1}, history=TrainHistory.of(losses, evals))
 
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
     exp = client.get_experiment_by_name("stemqa-test")
@@ -130,11 +132,11 @@ def test_mlflow_file_store_and_tensorboard(tmp_path):
     hist = client.get_metric_history(runs["dpo"].info.run_id, "val/reward_accuracy")
     assert sorted((m.step, m.value) for m in hist) == [(e["step"], e["reward_accuracy"]) for e in evals]
     assert [m.value for m in sorted(client.get_metric_history(runs["dpo"].info.run_id, "train/loss"),
-                                    key=lambda m: m.step)] == pytest.approx(metrics["losses"])
+                                    key=lambda m: m.step)] == pytest.approx(losses)
     assert runs["sft"].data.params["resources.grad_accum"] == "2" and len(runs["sft"].data.params) == 152
 
     tb = read_tb_scalars(run.path / "tensorboard" / "dpo")
-    assert [v for _, v in sorted(tb["train/loss"])] == pytest.approx(metrics["losses"])
+    assert [v for _, v in sorted(tb["train/loss"])] == pytest.approx(losses)
     assert [s for s, _ in sorted(tb["val/reward_margin"])] == [0, 2, 4]
 
 
@@ -143,8 +145,9 @@ def test_wandb_offline_run_holds_the_stage_metrics(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = Run.create(str(tmp_path), "t")
-    metrics = {"losses": [1.5, 1.25, 0.75], "evals": [{"step": 2, "reward_accuracy": 0.625}], "final_acc": 0.875}
-    log_stage(run, "dpo", metrics, TrackingConfig(backends=["wandb"], wandb_mode="offline"))
+    history = TrainHistory.of([1.5, 1.25, 0.75], [{"step": 2, "reward_accuracy": 0.625}])
+    log_stage(run, "dpo", {"final_acc": 0.875}, TrackingConfig(backends=["wandb"], wandb_mode="offline"),
+              history=history)
     # `finish()` only *tells* wandb-core the run is done (a fire-and-forget publish); the core flushes the
     # run file when it closes the stream, which under load can be after finish() returns. Teardown waits for
     # the core to exit, as the atexit hook does when a job's process ends, so the file is whole after it.
@@ -175,7 +178,7 @@ def test_tracking_config_rejects_unknown():
 
 
 def test_runs_list_and_show(tmp_path, capsys):
-    from jobs.runs import lineage, main
+    from stemqa.cli.runs import lineage, main
 
     run = Run.create(str(tmp_path), "demo", run_id="demo-1")
     with run.stage("data", inputs={"data_root": "/data"}) as rec:
@@ -184,7 +187,7 @@ def test_runs_list_and_show(tmp_path, capsys):
     with run.stage("sft", inputs={"train": "data/train.jsonl", "base_model": "tiny"}, config={"lr": 1e-3}) as rec:
         (rec.dir / "model").mkdir()
         rec.add_artifact("model", rec.dir / "model")
-        rec.add_metrics(train_loss_last=1.234, losses=[2.0, 1.234])
+        rec.add_metrics(train_loss_last=1.234)
     with pytest.raises(RuntimeError):
         with run.stage("dpo", inputs={"base_model": "sft/model"}):
             raise RuntimeError("boom")
@@ -249,15 +252,15 @@ def test_step_logger_logs_live_and_the_driver_adds_only_the_summary(tmp_path, mo
         vals.update({f"val/{k}": v for e in evals if e["step"] == step for k, v in e.items() if k != "step"})
         logger.log(step, vals)
     logger.close()
-    metrics = {"losses": losses, "evals": evals, "val_reward_accuracy_best": 0.875, "tracked_live": True}
-    log_stage(run, "dpo", metrics, cfg, {"beta": 0.1}, live)
+    log_stage(run, "dpo", {"val_reward_accuracy_best": 0.875}, cfg, {"beta": 0.1}, live,
+              history=TrainHistory.of(losses, evals))
 
     client = MlflowClient(tracking_uri=live.mlflow_uri)
     got = client.get_run(live.mlflow_run_id)
     hist = client.get_metric_history(live.mlflow_run_id, "train/loss")
     assert sorted((h.step, h.value) for h in hist) == list(zip([1, 2, 3, 4], losses))  # once each
     assert [h.step for h in client.get_metric_history(live.mlflow_run_id, "val/reward_accuracy")] == [0, 2, 4]
-    assert got.data.metrics["val_reward_accuracy_best"] == 0.875 and "tracked_live" not in got.data.metrics
+    assert got.data.metrics["val_reward_accuracy_best"] == 0.875
     assert got.data.params["beta"] == "0.1" and got.info.status == "FINISHED"
     tb = read_tb_scalars(run.path / "tensorboard" / "dpo")
     assert sorted(tb["train/loss"]) == [(s, pytest.approx(v)) for s, v in zip([1, 2, 3, 4], losses)]

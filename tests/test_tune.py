@@ -80,9 +80,10 @@ def _rows(summary: dict) -> dict[str, list[dict]]:
 
 
 def test_sweep_asha_stops_trials_and_a_crash_is_recorded(ray_local, tmp_path):
-    """tune_spaces/tiny.yaml: 6 SFT trials, each a Ray Train run reporting its eval loss every step. ASHA stops
-    the poor learning rates early, the injected worker crash is one failed trial with its error, the others
-    finish; the table, best config and plots are written and usable."""
+    """stemqa/tune/spaces/tiny.yaml: 6 SFT trials, each the SFT stage's run (Ray Train) reporting its eval loss
+    every step. ASHA stops the poor learning rates early, the injected worker crash is one failed trial with its
+    error, the others finish; the table, best config and plots are written and usable, and every trial is an
+    MLflow run (the tracking config's backends, through Tune's logger callbacks)."""
     from stemqa.tune.sweep import run_sweep
 
     summary = run_sweep(load_space("tiny"), tmp_path / "sweep")
@@ -109,6 +110,12 @@ def test_sweep_asha_stops_trials_and_a_crash_is_recorded(ray_local, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, plot
     assert {Path(p).name for p in summary["plots"]} == {"eval_loss_vs_sft.lr.png", "eval_loss_by_step.png"}
     assert not list((tmp_path / "sweep/trials").glob("*/model"))  # keep_models: false
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())  # beside the sweep directory
+    trials = client.search_runs([client.get_experiment_by_name("stemqa").experiment_id])
+    assert len(trials) == 6 and sum("eval_loss" in t.data.metrics for t in trials) >= 5  # the crash may beat it
 
 
 @pytest.mark.slow  # the sweep above plus a restart: 3-5 min on 2 CPUs

@@ -44,18 +44,28 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _resolve(source: str) -> tuple[dict, str]:
-    """A preset name or a YAML path -> raw mapping; a file may say `base: <preset>` to extend one."""
-    path = Path(source)
+def find_config(source: str, relative_to: Optional[Path] = None) -> Path:
+    """A preset name, a YAML path relative to `relative_to` (the file that names it), or one relative to the
+    working directory, in that order."""
+    path = Path(source).expanduser()
     if source in available_presets() and not path.exists():
-        path = PRESET_DIR / f"{source}.yaml"
-    elif not path.exists():
+        return PRESET_DIR / f"{source}.yaml"
+    if relative_to is not None and not path.is_absolute() and (relative_to / path).exists():
+        return relative_to / path
+    if not path.exists():
         raise ConfigError(f"{source}: neither a config file nor a preset (presets: {', '.join(available_presets())})")
+    return path
+
+
+def _resolve(source: str, relative_to: Optional[Path] = None) -> tuple[dict, str]:
+    """A preset name or a YAML path -> raw mapping; a file may say `base: <preset or file>` to extend one (a
+    relative file is looked up beside the file naming it first)."""
+    path = find_config(source, relative_to)
     data = _read_yaml(path)
     base = data.pop("base", None)
     if base is not None:
         try:
-            base_data, _ = _resolve(str(base))
+            base_data, _ = _resolve(str(base), path.parent)
         except (ConfigError, RecursionError) as e:  # RecursionError: a file that extends itself
             raise ConfigError(f"{path}: base {str(base)[:80]!r}: {str(e)[:300] or 'extends itself'}") from None
         data = _deep_merge(base_data, data)
@@ -83,6 +93,7 @@ def _format(err: ValidationError, origin: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = "unknown field (not in the schema)" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")  # a cross-field check (model_validator) names its fields itself
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 
@@ -94,9 +105,11 @@ def validate(data: dict, origin: str = "<config>") -> StemqaConfig:
         raise ConfigError(_format(e, origin)) from None
 
 
-def load_config(source: Optional[str] = "demo", overrides: Iterable[str] = ()) -> StemqaConfig:
-    """Load a preset (`demo`, `qwen3-0.6b`) or a YAML file, then apply `a.b=value` overrides."""
-    data, origin = _resolve(source) if source else ({}, "<defaults>")
+def load_config(source: Optional[str] = "demo", overrides: Iterable[str] = (),
+                relative_to: Optional[Path] = None) -> StemqaConfig:
+    """Load a preset (`demo`, `qwen3-0.6b`) or a YAML file, then apply `a.b=value` overrides. A relative file
+    name is looked up in `relative_to` first (a search space's directory for its `base:`)."""
+    data, origin = _resolve(source, relative_to) if source else ({}, "<defaults>")
     for item in overrides:
         _apply_override(data, item)
     cfg = validate(data, origin)

@@ -6,15 +6,16 @@ fails at load time with the YAML path of the field (see `stemqa.config.load`).
 """
 from __future__ import annotations
 
+import pkgutil
+import re
+from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class Section(BaseModel):
-    """Base for every section: unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from stemqa.config.section import Section
+from stemqa.config.train import (DEFAULT_SPLIT, DPOConfig, LoraConfig, SFTConfig, TrainConfig,  # noqa: F401
+                                 TrainResources)
 
 
 class ModelConfig(Section):
@@ -96,98 +97,8 @@ class FilterConfig(Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
 
 
-class LoraConfig(Section):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA alpha (scaling = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="Modules given adapters.")
-
-
-class TrainResources(Section):
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
-    cpus_per_worker: float = Field(0.45, gt=0, description="CPUs per worker; fractional so the trainer fits on 2 CPUs.")
-    use_gpu: bool = Field(False, description="One GPU per worker.")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    offload_optimizer: bool = Field(False, description="DeepSpeed optimizer state offload to CPU.")
-    offload_params: bool = Field(False, description="DeepSpeed parameter offload to CPU (ZeRO-3 only).")
-    bf16: Literal["auto", True, False] = Field("auto", description="bf16 training; 'auto' = on GPU only.")
-    max_failures: int = Field(
-        1, ge=0, description="Worker failures Ray Train recovers from (resuming from the last recorded checkpoint)."
-    )
-    allocator: Literal["tcmalloc", "system"] = Field(
-        "tcmalloc", description="Memory allocator of the train workers. 'tcmalloc': gperftools' tcmalloc preloaded "
-        "into each worker (Debian/Ubuntu libtcmalloc-minimal4; `./run.sh setup` installs it when run as root); "
-        "CPU SFT steps ran 8-19% faster than with glibc malloc (benchmarks/BENCHMARKS.md). Where it is not installed "
-        "the workers run with the system allocator and a warning says so. 'system': glibc malloc.",
-    )
-
-
-class SFTConfig(Section):
-    enabled: bool = Field(True, description="Run this stage in the pipeline.")
-    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training set.")
-    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(4, ge=1, description="Sequences per worker per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_seq_len: int = Field(512, ge=16, description="Sequences are truncated to this many tokens.")
-    data: Literal["mcq", "qa"] = Field(
-        "mcq", description="What the training file holds: mcq = MCQ records (stemqa data's output), trained as the "
-        "harness prompt -> ' <letter>'; qa = open-ended `{question, answer}` JSONL (stemqa.data.qa), trained as "
-        "'Question: ..\\nAnswer:' -> ' <answer>'. Either way the loss is on the completion tokens only.")
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Linear warm-up share of the steps.")
-    lora: Optional[LoraConfig] = Field(None, description="LoRA adapters; null = full fine-tuning.")
-    packing: bool = Field(
-        False, description="Padding-free packing: each micro-batch of batch_size samples is one row with position_ids "
-        "restarting per sample (transformers' DataCollatorWithFlattening), which transformers turns into a "
-        "block-diagonal mask (sdpa/eager) or FlashAttention varlen, so samples never attend to each other; the model "
-        "is loaded with stemqa's packed attention, which attends within each sample's span only instead of over the "
-        "masked row. Same samples, order and loss as unpacked; no padding tokens are computed. A packed micro-batch "
-        "costs its real tokens only, so a larger batch_size with less grad_accum (same effective batch) runs fewer, "
-        "larger matrix products: see benchmarks/BENCHMARKS.md, Training speed.")
-    checkpoint_every: int = Field(50, ge=1, description="Report a checkpoint every N optimizer steps.")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the data held out for the eval loss.")
-    seed: int = Field(0, description="Seed for data order and initialisation.")
-    resources: TrainResources = Field(default_factory=TrainResources)
-
-
-class DPOConfig(Section):
-    enabled: bool = Field(True, description="Run this stage in the pipeline.")
-    loss: Literal["sigmoid", "robust", "ipo"] = Field(
-        "sigmoid", description="DPO loss, as defined in TRL 1.16: sigmoid = standard DPO −log σ(β·h); robust = robust "
-        "DPO (Chowdhury et al.) with label_smoothing ε; ipo = IPO on per-token-averaged log-ratios.")
-    beta: float = Field(0.1, gt=0, description="DPO beta.")
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="Label smoothing ε, the assumed probability that a preference label is "
-        "flipped; used by loss `robust` only (robust DPO, TRL's definition). TRL 1.16 ignores ε for `sigmoid` "
-        "(older TRL made sigmoid+ε conservative DPO) and `ipo`, so ε > 0 with those losses is rejected.")
-    lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs.")
-    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(2, ge=1, description="Pairs per worker per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_len: int = Field(1024, ge=16, description="Pairs with prompt+completion above this many tokens are dropped.")
-    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="Train/val/test shares of the pairs.")
-    split_sizes: Optional[tuple[int, int, int]] = Field(
-        None, description="Absolute train/val/test sizes (seed: 24000/3000/3000); overrides split when set."
-    )
-    stem_filter: bool = Field(True, description="Keep only pairs that match the STEM keyword filter.")
-    skip_invalid: bool = Field(False, description="Skip malformed preference rows (counted in prep.json) instead of failing.")
-    eval_every: int = Field(20, ge=1, description="Validate every N optimizer steps.")
-    patience: int = Field(3, ge=1, description="Early stop after this many evals without a better val reward accuracy.")
-    checkpoint_every: int = Field(50, ge=1, description="Report a checkpoint every N optimizer steps.")
-    reference: Optional[str] = Field(None, description="Reference model; default: the model DPO starts from.")
-    ref_batch_size: int = Field(8, ge=1, description="Pairs per batch in the Ray Data job computing reference log-probs.")
-    ref_cpus: float = Field(1.0, gt=0, description="CPUs of the reference log-prob actor (torch threads match it).")
-    lora: Optional[LoraConfig] = Field(None, description="LoRA adapters for the policy; null = full fine-tuning.")
-    seed: int = Field(0, description="Seed for data order.")
-    resources: TrainResources = Field(default_factory=TrainResources)
-
-    @model_validator(mode="after")
-    def _smoothing_only_for_robust(self):
-        if self.label_smoothing > 0 and self.loss != "robust":
-            raise ValueError(f"dpo.label_smoothing={self.label_smoothing} has no effect with dpo.loss={self.loss!r} "
-                             "(TRL's definition uses ε only in 'robust'); set dpo.loss=robust or label_smoothing=0")
-        return self
+# Weight bits each method takes from quant.bits; the others fix their own (stemqa.quant.methods).
+QUANT_BITS = {"gptq": (2, 3, 4, 8), "smoothquant-gptq": (4, 8), "qat": (2, 4, 8)}
 
 
 class QuantConfig(Section):
@@ -196,13 +107,12 @@ class QuantConfig(Section):
         "gptq", description="Quantization method."
     )
     bits: int = Field(
-        4, description="Weight bits for gptq (2, 3, 4, 8) and smoothquant-gptq (4, 8); int8-weight, bnb-8bit and "
-        "bnb-4bit fix their own (8, 8, 4).")
-    act_bits: Optional[int] = Field(None, description="Activation bits (8 for W8A8 with SmoothQuant).")
+        4, description="Weight bits for gptq (2, 3, 4, 8), smoothquant-gptq (4, 8) and qat (2, 4, 8); int8-weight, "
+        "bnb-8bit and bnb-4bit fix their own (8, 8, 4) and ignore it. Every method keeps lm_head in full precision.")
+    act_bits: Optional[int] = Field(None, description="Activation bits: smoothquant-gptq only (8 = W8A8, the default).")
     group_size: int = Field(64, ge=1, description="Quantization group size; must divide every linear input width.")
     calibration_samples: int = Field(20, ge=1, description="Calibration samples drawn from the SFT data.")
     smoothing_alpha: float = Field(0.8, ge=0, le=1, description="SmoothQuant migration strength.")
-    keep_lm_head: bool = Field(True, description="Keep lm_head in full precision.")
     max_seq_len: int = Field(512, ge=16, description="Calibration prompts are truncated to this many tokens.")
     seed: int = Field(0, description="Seed for drawing the calibration samples.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs the quantization Ray task holds (and torch threads it uses).")
@@ -210,6 +120,17 @@ class QuantConfig(Section):
     qat_steps: int = Field(60, ge=0, description="qat: AdamW steps of quantization-aware training (weights + learned scales) on calibration_samples SFT texts.")
     qat_lr: float = Field(2e-5, gt=0, description="qat: peak learning rate (cosine decay to 0) for weights and learned scales.")
     qat_batch_size: int = Field(4, ge=1, description="qat: texts per training step.")
+
+    @model_validator(mode="after")
+    def _bits_fit_the_method(self):
+        allowed = QUANT_BITS.get(self.method)
+        if allowed is not None and self.bits not in allowed:
+            raise ValueError(f"quant.bits={self.bits} is not supported by quant.method={self.method} (supported: "
+                             f"{', '.join(map(str, allowed))})")
+        if self.act_bits is not None and (self.method != "smoothquant-gptq" or self.act_bits != 8):
+            raise ValueError(f"quant.act_bits={self.act_bits}: activation quantization is smoothquant-gptq's, with 8 "
+                             f"bits (quant.method={self.method})")
+        return self
 
 
 class CorpusSource(Section):
@@ -290,6 +211,8 @@ class AutoscalingConfig(Section):
 
 class ServeConfig(Section):
     enabled: bool = Field(True, description="Deploy the Serve app at the end of the pipeline.")
+    app: str = Field("serve.app:app_builder", description="Import path of the Serve app builder the serve stage "
+                     "deploys (as `serve run` / RayService import_path); it gets {config, model, index}.")
     host: str = Field("127.0.0.1", description="Bind address; 127.0.0.1 unless told otherwise.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
     proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
@@ -345,8 +268,19 @@ class ClusterConfig(Section):
         description="Ray address. null = the local cluster started by cluster/local.sh when it runs, else a "
         "private local Ray instance.",
     )
-    storage_path: str = Field("runs", description="Where runs (checkpoints, models, indexes, results) are stored.")
-    quiet: bool = Field(True, description="Keep Ray's own log lines out of the console.")
+    storage_path: str = Field(
+        "runs", description="Directory where runs (checkpoints, models, indexes, results) are stored. On a cluster of "
+        "several machines it must be a path every node sees (a shared mount: NFS, EFS, gcsfuse/mountpoint-s3 for a "
+        "bucket): stages, Train workers and Ray tasks read and write artifacts there as files.")
+    quiet: bool = Field(True, description="Keep Ray's own log lines out of the console (progress lines still show).")
+
+    @field_validator("storage_path")
+    @classmethod
+    def _a_directory(cls, value: str) -> str:
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", value) and not value.startswith("file://"):
+            raise ValueError(f"{value!r}: object-store URIs are not read directly; mount the bucket (mountpoint-s3, "
+                             "gcsfuse) or use a shared filesystem, and give its path")
+        return value.removeprefix("file://")
 
 
 class TrackingConfig(Section):
@@ -364,11 +298,25 @@ class TrackingConfig(Section):
     wandb_entity: Optional[str] = Field(None, description="W&B entity (team or user); default: the API key's.")
 
 
+STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
+PIPELINE = ["data", "filter", "sft", "dpo", "quant", "rag", "eval", "serve"]
+
+
+def known_stages() -> list[str]:
+    """Stage modules in stemqa/stages (each is one stage; listing them imports nothing)."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(STAGES_DIR)]) if not m.name.startswith("_")
+                  and m.name not in ("base", "cli", "registry"))
+
+
 class StemqaConfig(Section):
     """Root of the config tree."""
 
     name: str = Field("demo", description="Run name; a run directory is <storage_path>/<name>-<timestamp>.")
     preset: Optional[str] = Field(None, description="Preset this config came from (informational).")
+    stages: list[str] = Field(
+        default_factory=lambda: list(PIPELINE),
+        description="The pipeline's stages, in order: each a module of stemqa/stages with a config section of the "
+        "same name; a stage whose section says enabled: false is skipped.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
@@ -380,3 +328,22 @@ class StemqaConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: list[str]) -> list[str]:
+        known = known_stages()
+        unknown = [s for s in stages if s not in known]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(known)})")
+        twice = sorted({s for s in stages if stages.count(s) > 1})
+        if twice:
+            raise ValueError(f"stage(s) listed twice: {', '.join(twice)}")
+        return stages
+
+    @model_validator(mode="after")
+    def _each_stage_has_its_section(self):
+        missing = [s for s in self.stages if s not in type(self).model_fields]
+        if missing:
+            raise ValueError(f"stages {', '.join(missing)} have no config section of their name")
+        return self

@@ -368,7 +368,7 @@ def prepare_pairs(sources: list[str], data_root: Path, tokenizer, cfg, out_dir: 
     counts.update(total=len(unique), too_long_dropped=len(unique) - len(kept), kept=len(kept))
     if not kept:
         raise ValueError(f"no preference pairs left after filtering ({json.dumps(counts)})")
-    (n_train, n_val, n_test), how = split_sizes(len(kept), cfg.split, cfg.split_sizes)
+    (n_train, n_val, n_test), how = split_sizes(len(kept), cfg.shares, cfg.split_sizes)
     order = np.random.default_rng(cfg.seed).permutation(len(kept))
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
               "test": (n_train + n_val, n_train + n_val + n_test)}

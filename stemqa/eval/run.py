@@ -40,8 +40,9 @@ def _fewshot_for(q: MCQ, fewshot: FewShot) -> tuple[MCQ, ...]:
 def score_records(scorer: MCQScorer, records: Sequence[MCQ], scoring: Union[str, ModeParams] = "letter",
                   fewshot: FewShot = (),
                   header: bool = True, passages: Optional[Sequence[Sequence[str]]] = None,
-                  progress: bool = True, desc: str = "eval") -> list[Prediction]:
-    """Score records in chunks (for the progress bar); questions sharing k-shot examples are scored together."""
+                  progress: bool = True, desc: str = "eval", on_progress=None) -> list[Prediction]:
+    """Score records in chunks (for the progress bar); questions sharing k-shot examples are scored together.
+    `on_progress(done, total)` is called after each chunk (stemqa.progress)."""
     from tqdm.auto import tqdm
 
     if passages is not None and len(passages) != len(records):
@@ -50,6 +51,7 @@ def score_records(scorer: MCQScorer, records: Sequence[MCQ], scoring: Union[str,
     for i, q in enumerate(records):
         groups.setdefault(tuple(s.id for s in _fewshot_for(q, fewshot)), []).append(i)
     preds: list[Optional[Prediction]] = [None] * len(records)
+    done = 0  # the bar counts nothing when disabled
     with tqdm(total=len(records), desc=desc, unit="q", disable=not progress or len(records) < CHUNK,
               mininterval=2.0) as bar:
         for idx in groups.values():
@@ -61,6 +63,9 @@ def score_records(scorer: MCQScorer, records: Sequence[MCQ], scoring: Union[str,
                 for i, p in zip(part, out):
                     preds[i] = p
                 bar.update(len(part))
+                done += len(part)
+                if on_progress is not None:
+                    on_progress(done, len(records))
     return preds  # type: ignore[return-value]
 
 
@@ -76,7 +81,7 @@ def evaluate(model: str, records: Sequence[MCQ], out_dir: Path, scoring: Union[s
              batch_size: int = 8,
              fewshot: FewShot = (), header: bool = True, passages: Optional[Sequence[Sequence[str]]] = None,
              data_desc: str = "", *, dtype: str = "auto", scorer: Optional[MCQScorer] = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, on_progress=None) -> dict:
     """Score `records` with `model`, write out_dir/metrics.json and predictions.jsonl, return the metrics.
 
     `fewshot` is one list of k-shot examples for every question or a {subject: examples} mapping; `passages[i]`
@@ -91,7 +96,7 @@ def evaluate(model: str, records: Sequence[MCQ], out_dir: Path, scoring: Union[s
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     preds = score_records(scorer, records, scoring, fewshot, header, passages, progress,
-                          desc=f"eval {data_desc}".strip())
+                          desc=f"eval {data_desc}".strip(), on_progress=on_progress)
     score_s = time.perf_counter() - t1
     k = max((len(_fewshot_for(q, fewshot)) for q in records), default=0)
     metrics = {
@@ -144,7 +149,7 @@ def retrieve_passages(retriever, records: Sequence[MCQ], k: int, token_budget: O
 
 
 def evaluate_sets(model: str, cfg, data_root: Path, out_dir: Path, retriever=None, progress: bool = True,
-                  scorer: Optional[MCQScorer] = None) -> dict:
+                  scorer: Optional[MCQScorer] = None, on_progress=None) -> dict:
     """Evaluate every cfg.eval.sets entry into out_dir/<set>/; returns {set name: metrics}."""
     ev = cfg.eval
     if not ev.sets:
@@ -164,7 +169,8 @@ def evaluate_sets(model: str, cfg, data_root: Path, out_dir: Path, retriever=Non
                     if ev.use_rag else None)
         desc = s.name + " (" + ", ".join(f"{src.name or Path(src.path).stem}" for src in s.sources) + ")"
         results[s.name] = evaluate(model, records, Path(out_dir) / s.name, params, ev.batch_size,
-                                   fewshot, ev.subject_header, passages, desc, scorer=scorer, progress=progress)
+                                   fewshot, ev.subject_header, passages, desc, scorer=scorer, progress=progress,
+                                   on_progress=on_progress)
     (Path(out_dir) / "summary.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -177,10 +183,10 @@ def _set_threads(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
-def _evaluate_sets_task(model, cfg, data_root, out_dir, retriever_factory, num_cpus):
+def _evaluate_sets_task(model, cfg, data_root, out_dir, retriever_factory, num_cpus, on_progress=None):
     _set_threads(num_cpus)
     retriever = retriever_factory() if retriever_factory is not None else None
-    return evaluate_sets(model, cfg, Path(data_root), Path(out_dir), retriever, progress=False)
+    return evaluate_sets(model, cfg, Path(data_root), Path(out_dir), retriever, progress=False, on_progress=on_progress)
 
 
 def _evaluate_task(model, records, out_dir, kwargs, num_cpus):
@@ -189,14 +195,15 @@ def _evaluate_task(model, records, out_dir, kwargs, num_cpus):
 
 
 def evaluate_sets_remote(model: str, cfg, data_root: Path, out_dir: Path,
-                         retriever_factory: Optional[Callable[[], Any]] = None, num_cpus: float = 1):
+                         retriever_factory: Optional[Callable[[], Any]] = None, num_cpus: float = 1,
+                         on_progress=None):
     """`evaluate_sets` as a Ray task; returns an ObjectRef of {set: metrics}. out_dir must be visible to the
     node that runs it (one machine, or shared storage). The retriever is built inside the task by
     `retriever_factory` (a picklable zero-argument callable), since a FAISS index does not travel well."""
     import ray
 
     task = ray.remote(num_cpus=num_cpus)(_evaluate_sets_task)
-    return task.remote(model, cfg, str(data_root), str(out_dir), retriever_factory, num_cpus)
+    return task.remote(model, cfg, str(data_root), str(out_dir), retriever_factory, num_cpus, on_progress)
 
 
 def evaluate_remote(model: str, records: Sequence[MCQ], out_dir: Path, num_cpus: float = 1, **kwargs):

@@ -112,7 +112,8 @@ def _check_inputs(records, targets, cfg: FilterConfig) -> None:
         raise FilterError("filter: set filter.threshold or filter.top_n")
 
 
-def run_filter(records: list[MCQ], targets: dict[str, list[MCQ]], cfg: FilterConfig, out_dir: Path) -> dict:
+def run_filter(records: list[MCQ], targets: dict[str, list[MCQ]], cfg: FilterConfig, out_dir: Path,
+               progress=None) -> dict:
     """Score `records` against `targets`, write kept.jsonl, scores.jsonl and scores_hist.png into `out_dir`,
     and the embeddings with their ids in `out_dir/embeddings` (ids `sample:<id>` and `<target>:<id>`).
 
@@ -140,7 +141,7 @@ def run_filter(records: list[MCQ], targets: dict[str, list[MCQ]], cfg: FilterCon
         spans[name] = (len(texts), len(texts) + len(targets[name]))
         texts += [mcq_text(q) for q in targets[name]]
         ids += [f"{name}:{q.id}" for q in targets[name]]
-    vectors = embed_texts(texts, cfg.embed)  # one Ray Data job for samples and all targets
+    vectors = embed_texts(texts, cfg.embed, progress)  # one Ray Data job for samples and all targets
     emb_dir = save_embeddings(out / "embeddings", ids, vectors, cfg.embed.embedder)  # reusable without re-embedding
     samples = vectors[: len(records)]
     per_target = {name: max_similarity(samples, vectors[a:b], cfg.index, cfg.hnsw_m, cfg.hnsw_ef_search)

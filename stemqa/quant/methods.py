@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from stemqa.config.schema import QuantConfig
+from stemqa.config.schema import QUANT_BITS, QuantConfig
 from stemqa.quant.calibration import calibration_dataset
 from stemqa.quant.errors import GroupSizeError, QuantError, UnsupportedMethodError
 
@@ -210,14 +210,14 @@ class Method:
 
 _LLMC = _modules("llmcompressor", "compressed_tensors")
 METHODS: dict[str, Method] = {
-    "gptq": Method(gptq, _LLMC, True, lambda q: q.bits, lambda q: None, lambda q: q.group_size, (2, 3, 4, 8)),
+    "gptq": Method(gptq, _LLMC, True, lambda q: q.bits, lambda q: None, lambda q: q.group_size, QUANT_BITS["gptq"]),
     "smoothquant-gptq": Method(smoothquant_gptq, _LLMC, True, lambda q: q.bits, lambda q: q.act_bits or 8,
-                               lambda q: None if q.bits == 8 else q.group_size, (4, 8)),
+                               lambda q: None if q.bits == 8 else q.group_size, QUANT_BITS["smoothquant-gptq"]),
     "int8-weight": Method(int8_weight, _LLMC, False, lambda q: 8, lambda q: None, lambda q: None, (8,)),
     "bnb-8bit": Method(bnb_8bit, _bnb_backend, False, lambda q: 8, lambda q: None, lambda q: None, (8,)),
     "bnb-4bit": Method(bnb_4bit, _bnb_backend, False, lambda q: 4, lambda q: None, lambda q: None, (4,)),
     "qat": Method(qat, _modules("torchao", "llmcompressor", "compressed_tensors"), True, lambda q: q.bits,
-                  lambda q: None, lambda q: q.group_size, (2, 4, 8)),
+                  lambda q: None, lambda q: q.group_size, QUANT_BITS["qat"]),
 }
 
 
@@ -228,9 +228,7 @@ def get_method(qcfg: QuantConfig) -> Method:
             f"quant.method={qcfg.method!r} is not available in this build of stemqa "
             f"(available: {', '.join(METHODS)})")
     method = METHODS[qcfg.method]
-    if not qcfg.keep_lm_head:
-        raise QuantError("quant.keep_lm_head=false is not supported: every method keeps lm_head in full precision")
-    if method.bits(qcfg) not in method.allowed_bits:
+    if method.bits(qcfg) not in method.allowed_bits:  # the config checks this at load; a constructed one may not
         raise QuantError(f"quant.bits={qcfg.bits} is not supported by {qcfg.method} (supported: {method.allowed_bits})")
     missing = method.needs()
     if missing:

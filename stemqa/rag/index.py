@@ -86,8 +86,9 @@ def _reusable(out: Path, manifest: dict | None, chash: str, settings: dict) -> b
             and (out / "index.faiss").exists() and (out / "chunks.jsonl").exists())
 
 
-def build_index(rag_cfg: RagConfig, data_root: Path, out_dir: Path, force: bool = False) -> Path:
-    """Build the corpus index into `out_dir` (or reuse the one there); returns `out_dir`. Ray must be up."""
+def build_index(rag_cfg: RagConfig, data_root: Path, out_dir: Path, force: bool = False, progress=None) -> Path:
+    """Build the corpus index into `out_dir` (or reuse the one there); returns `out_dir`. Ray must be up.
+    `progress(done, total)` follows the embedding job."""
     import faiss
 
     out = Path(out_dir)
@@ -102,7 +103,7 @@ def build_index(rag_cfg: RagConfig, data_root: Path, out_dir: Path, force: bool 
     if not force and _reusable(out, existing, chash, settings):
         return out
 
-    vectors = embed_texts([c.text for c in chunks], rag_cfg.embed)
+    vectors = embed_texts([c.text for c in chunks], rag_cfg.embed, progress)
     counts["near_duplicates"] = 0
     if rag_cfg.near_dup_threshold is not None:
         dropped = near_duplicates(vectors, rag_cfg.near_dup_threshold)

@@ -1,5 +1,6 @@
-"""What SFT and DPO share: Ray Train settings, the DeepSpeed engine, the deterministic sample order,
-resumable checkpoints, and saving a plain HF model whatever the ZeRO stage.
+"""What SFT and DPO share: Ray Train settings, the DeepSpeed engine, the deterministic sample order, evaluation
+batches that keep ranks in step, collectives and completion log-probs (checkpoints: `stemqa.train.checkpoint`;
+the loop itself: `stemqa.train.loop`).
 
 Sample order is hand-written rather than Ray Data's streaming split on purpose: a resumed run must train on
 exactly the samples an uninterrupted run would, in the same order, and that needs the position to be a pure
@@ -7,12 +8,9 @@ function of the optimizer step stored in the checkpoint (`Schedule.micro_batch`)
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,9 +19,6 @@ from typing import Optional
 import numpy as np
 
 from stemqa.config.schema import LoraConfig, TrainResources
-
-TRAINER_STATE = "trainer_state.json"
-DS_TAG = "ds"  # DeepSpeed checkpoint tag inside each Ray checkpoint directory
 
 
 # ---------------------------------------------------------------- driver side: Ray Train settings
@@ -162,16 +157,14 @@ def make_engine(model, res: TrainResources, lr: float, micro_batch: int, grad_ac
                 warmup_steps: int = 0):
     """A DeepSpeed engine with ZeRO `res.zero_stage`, grad accumulation and a linear LR schedule."""
     import deepspeed
-    import ray.train
     import torch
+    import torch.distributed as dist
 
-    world = ray.train.get_context().get_world_size()
+    world = dist.get_world_size() if dist.is_initialized() else 1  # Ray Train set up the process group
     zero: dict = {"stage": res.zero_stage}
     if res.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-    if res.offload_params:
-        if res.zero_stage != 3:
-            raise ValueError("resources.offload_params needs zero_stage 3")
+    if res.offload_params:  # the config allows it with ZeRO-3 only (TrainResources)
         zero["offload_param"] = {"device": "cpu"}
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -254,6 +247,26 @@ def eval_shard(n: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n, world))
 
 
+def eval_batches(n: int, batch_size: int, rank: int, world: int) -> list[tuple[list[int], bool]]:
+    """This rank's evaluation batches as (sample indices, real): the same number of batches on every rank.
+
+    Under ZeRO-3 every forward gathers the parameters from all ranks, so a rank that ran one forward fewer
+    than the others (5 samples, 2 ranks, batch 2: 2 batches vs 1) would leave them waiting forever. A rank
+    with fewer batches runs dummy ones (sample 0, `real` False) whose results the caller discards."""
+    mine = eval_shard(n, rank, world)
+    longest = math.ceil(len(eval_shard(n, 0, world)) / batch_size)  # rank 0 holds the most
+    batches = [(mine[i:i + batch_size], True) for i in range(0, len(mine), batch_size)]
+    return batches + [([0], False)] * (longest - len(batches))
+
+
+def step_weight(micro_weight: float, step_weight_sum: float, grad_accum: int, world: int) -> float:
+    """Factor on a micro-batch's mean loss so that the optimizer step's gradient is the weighted mean over all the
+    step's micro-batches and ranks (SFT: weight = completion tokens, as HF Trainer's `num_items_in_batch`, so TRL
+    and we take the same step). DeepSpeed divides each backward by `grad_accum` and averages gradients over the
+    `world` ranks; a plain mean per micro-batch would weigh a token of a short micro-batch more than one of a long."""
+    return micro_weight * grad_accum * world / max(step_weight_sum, 1)
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     import torch
     import torch.distributed as dist
@@ -264,147 +277,27 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (one element without a process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def rank() -> int:
     import ray.train
 
     return ray.train.get_context().get_world_rank()
 
 
-# ---------------------------------------------------------------- checkpoints
-# Ray Train registers a checkpoint only when its controller polls the worker's report (every
-# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A worker that dies inside that window leaves the checkpoint complete in
-# storage but unknown to Ray, so the restart (or a re-submitted run) would resume from an older one or from
-# scratch. So each rank marks its part uploaded once `report` returns, and `latest_checkpoint` takes the newest
-# complete checkpoint in the run's storage when it is newer than Ray's.
-CKPT_PREFIX = "checkpoint_step"
-UPLOADED = "uploaded_rank{}"
-
-
-def report_checkpoint(engine, state: dict, metrics: dict) -> None:
-    """Every rank saves its DeepSpeed shards (+ RNG) into one Ray checkpoint with the trainer state."""
-    import uuid
-
-    import ray.train
-    import torch
-    from ray.train.collective import broadcast_from_rank_zero
-
-    r, world = rank(), ray.train.get_context().get_world_size()
-    # the step in the name orders checkpoints without opening them; the suffix keeps a re-run's apart
-    name = broadcast_from_rank_zero(f"{CKPT_PREFIX}{state['step']:08d}_{uuid.uuid4().hex[:8]}")
-    with tempfile.TemporaryDirectory(prefix="stemqa-ckpt-") as d:
-        engine.save_checkpoint(d, tag=DS_TAG)
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, Path(d) / f"rng_rank{r}.pt")
-        if r == 0:
-            (Path(d) / TRAINER_STATE).write_text(json.dumps({**state, "world": world}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
-    fs, root = _run_storage()
-    with fs.open_output_stream(f"{root}/{name}/{UPLOADED.format(r)}"):
-        pass  # this rank's files are in storage: `report` returns after its upload
-
-
-def _run_storage():
-    """(pyarrow filesystem, path of this run's directory on it)."""
+def world_size() -> int:
     import ray.train
 
-    storage = ray.train.get_context().get_storage()
-    return storage.storage_filesystem, storage.experiment_fs_path
-
-
-def _step_of(name: str) -> int:
-    return int(name[len(CKPT_PREFIX):].split("_")[0]) if name.startswith(CKPT_PREFIX) else -1
-
-
-def latest_checkpoint():
-    """Ray's last registered checkpoint, or a newer complete one in the run's storage (see above); rank 0
-    chooses, so all ranks load the same one."""
-    import ray.train
-    from ray.train.collective import broadcast_from_rank_zero
-
-    known = ray.train.get_checkpoint()
-    fs, _ = _run_storage()
-    found = broadcast_from_rank_zero(_newer_complete(known) if rank() == 0 else None)
-    return ray.train.Checkpoint(found, filesystem=fs) if found else known
-
-
-def _newer_complete(known) -> Optional[str]:
-    """The path of the newest checkpoint in storage that every rank finished uploading, if newer than `known`."""
-    from pyarrow import fs as pafs
-
-    newest = _step_of(Path(known.path).name) if known is not None else -1
-    fs, root = _run_storage()
-    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    for info in sorted((i for i in infos if i.type == pafs.FileType.Directory), key=lambda i: -_step_of(i.base_name)):
-        if _step_of(info.base_name) <= newest:
-            return None
-        files = {f.base_name for f in fs.get_file_info(pafs.FileSelector(info.path))}
-        if TRAINER_STATE not in files:
-            continue
-        with fs.open_input_stream(f"{info.path}/{TRAINER_STATE}") as f:
-            world = json.loads(f.read()).get("world", 1)
-        if all(UPLOADED.format(r) in files for r in range(world)):
-            logging.getLogger(__name__).warning(
-                "resuming from %s: complete in storage, newer than Ray's last registered checkpoint (%s)",
-                info.base_name, Path(known.path).name if known is not None else None)
-            return info.path
-    return None
-
-
-def restore_checkpoint(engine) -> Optional[dict]:
-    """Load the latest checkpoint into the engine (model, optimizer, scheduler, RNG); its trainer state."""
-    import torch
-
-    ckpt = latest_checkpoint()
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        engine.load_checkpoint(d, tag=DS_TAG)
-        rng = Path(d) / f"rng_rank{rank()}.pt"
-        if rng.exists():
-            saved = torch.load(rng, weights_only=False)
-            torch.set_rng_state(saved["torch"])
-            np.random.set_state(saved["numpy"])
-        state = json.loads((Path(d) / TRAINER_STATE).read_text())
-        state.pop("world", None)
-        return state
-
-
-# ---------------------------------------------------------------- the final model
-def full_state_dict(engine, zero_stage: int) -> Optional[dict]:
-    """The whole model's weights on rank 0 (None elsewhere); ZeRO-3 shards are gathered (a collective)."""
-    module = engine.module
-    is_zero = rank() == 0
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if is_zero else None
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if is_zero else None
-
-
-def save_hf_model(state: Optional[dict], base_path: str, lora: Optional[LoraConfig], out_dir: Path) -> Path:
-    """Write `state` as a plain HF directory (safetensors, LoRA merged) + tokenizer, replacing `out_dir` atomically."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True)
-    if lora is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora_peft_config(lora))
-    if state is not None:  # None: save the starting model itself (e.g. DPO that never beat it)
-        model.load_state_dict(state, strict=True)
-    if lora is not None:
-        model = model.merge_and_unload()
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.config.use_cache = True
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    return ray.train.get_context().get_world_size()
 
 
 # ---------------------------------------------------------------- completion log-probs (SFT and DPO)

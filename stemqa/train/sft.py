@@ -3,8 +3,9 @@
 Each MCQ becomes `harness_prompt(q)` + ` <letter>` + eos, each open-ended record (`sft.data: qa`)
 `Question: ..\nAnswer:` + ` <answer>` + eos; the loss is on the completion tokens only (only
 their logits are computed, see `common.completion_batch`). The driver tokenizes once and puts the samples in
-the object store; every worker takes its micro-batches from `common.Schedule`, so the order survives a
-resume. The result is a plain HF directory at `out_dir/model` that `stemqa.models.load_causal_lm` loads.
+the object store; the one training loop (`stemqa.train.loop`) runs `SFTMethod`'s loss on the micro-batches of
+`common.Schedule`, so the order survives a resume. The result is a plain HF directory at `out_dir/model` that
+`stemqa.models.load_causal_lm` loads, and the per-step history at `out_dir/history.jsonl`.
 
 `sft.packing`: each micro-batch is flattened into one padding-free row by transformers'
 `DataCollatorWithFlattening` (TRL's `padding_free`), position_ids restarting at 0 for every sample and no
@@ -17,17 +18,16 @@ sdpa/eager that mask still costs attention over the whole row, so a packed run l
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
-from stemqa.config.schema import SFTConfig, StemqaConfig
+from stemqa.config.schema import StemqaConfig
 from stemqa.data.mcq import MCQ, read_records
 from stemqa.data.prompt import harness_prompt, target
 from stemqa.data.qa import QA, load_qa_file, qa_prompt, qa_target
-from stemqa.tracking import LiveTarget, StepLogger
 from stemqa.train import common
+from stemqa.train.loop import Method, Micro, TrainOptions, TrainResult, run_training
 
 def encode_mcq(tok, q: MCQ, max_seq_len: int) -> dict:
     """Prompt ids and completion ids (` <letter>` + eos); the prompt is cut from the left when too long, so
@@ -103,15 +103,6 @@ def completion_loss(model, batch: dict):
     return -logp.sum() / n.clamp(min=1), int(n)
 
 
-def step_weight(n_micro: int, n_step: int, grad_accum: int, world: int) -> float:
-    """Factor on a micro-batch's mean loss so that the optimizer step's gradient is the mean over all the step's
-    completion tokens, however they are split into micro-batches and ranks (as HF Trainer's
-    `num_items_in_batch`, so TRL and we take the same step). DeepSpeed divides each backward by `grad_accum` and
-    averages gradients over the `world` ranks; a plain mean per micro-batch would weigh a token of a short
-    micro-batch more than one of a long."""
-    return n_micro * grad_accum * world / max(n_step, 1)
-
-
 def batch_tokens(batch: dict) -> int:
     """Real (non-padding) tokens the forward sees."""
     return int(batch["input_ids"].numel()) if "targets" in batch else int(batch["attention_mask"].sum())
@@ -127,125 +118,38 @@ def split_eval(samples: list[dict], fraction: float, seed: int) -> tuple[list[di
     return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
 
 
-def _eval_loss(engine, samples: list[dict], batch_size: int, pad_id: int, packing: bool = False) -> float:
-    """Mean completion-token loss over `samples`, sharded across ranks and summed (token-weighted)."""
-    import torch
+class SFTMethod(Method):
+    """SFT in the loop: each micro-batch's mean completion-token loss, weighted by its completion tokens (so the
+    optimizer step is the mean over all the step's completion tokens); validation = the held-out loss."""
 
-    r, world = common.rank(), _world()
-    mine = [samples[i] for i in common.eval_shard(len(samples), r, world)]
-    loss_sum = n_tok = 0.0
-    engine.eval()
-    with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            loss, n = completion_loss(engine, collate(mine[i:i + batch_size], pad_id, packing))
-            loss_sum += float(loss) * n
-            n_tok += n
-    engine.train()
-    loss_sum, n_tok = common.all_reduce_sum([loss_sum, n_tok])
-    return loss_sum / max(n_tok, 1.0)
+    report_eval_prefix = "eval_"
 
+    def load_model(self, base_path: str, bf16: bool):
+        return common.load_train_model(base_path, self.cfg.lora, bf16, packed=self.cfg.packing,
+                                       zero_stage=self.cfg.resources.zero_stage)
 
-def _world() -> int:
-    import ray.train
+    def warmup_steps(self, total: int) -> int:
+        return int(self.cfg.warmup_ratio * total)
 
-    return ray.train.get_context().get_world_size()
+    def weight(self, samples: list[dict]) -> float:
+        return float(sum(len(s["completion"]) for s in samples))
 
+    def micro(self, engine, samples: list[dict]) -> Micro:
+        batch = collate(samples, self.pad_id, self.cfg.packing)
+        loss, n = completion_loss(engine, batch)
+        return Micro(loss, float(n), batch_tokens(batch))
 
-def train_loop(config: dict) -> None:
-    """Ray Train worker: build the engine, resume if a checkpoint exists, train, save the HF model."""
-    import ray
-    import ray.train
-    import torch
+    def eval_sums(self, engine, samples: list[dict]) -> list[float]:
+        loss, n = completion_loss(engine, collate(samples, self.pad_id, self.cfg.packing))
+        return [float(loss) * n, float(n)]
 
-    t_start = time.perf_counter()
-    sft: SFTConfig = SFTConfig.model_validate(config["sft"])
-    res = sft.resources
-    common.worker_setup(res)
-    train, held = ray.get(config["data_ref"])
-    pad_id = config["pad_id"]
-    r, world = common.rank(), _world()
-    schedule = common.Schedule(len(train), sft.batch_size, world, sft.grad_accum, sft.seed)
-    total = schedule.total_steps(sft.epochs, sft.max_steps)
-    torch.manual_seed(sft.seed + r)
+    def eval_metrics(self, sums: list[float]) -> dict:
+        return {"loss": sums[0] / max(sums[1], 1.0)}
 
-    model = common.load_train_model(config["base_path"], sft.lora, common.use_bf16(res), packed=sft.packing,
-                                     zero_stage=res.zero_stage)
-    engine = common.make_engine(model, res, sft.lr, sft.batch_size, sft.grad_accum, total,
-                                int(sft.warmup_ratio * total))
-    restored = common.restore_checkpoint(engine)
-    resumed_from = restored["step"] if restored else None  # `state` below is this dict and moves on
-    tracker = StepLogger.open(config.get("tracking"), r)  # the stage's tracker runs, live (rank 0)
-    state = restored or {"step": 0, "losses": [], "tokens": 0, "train_s": 0.0,
-                                                  "eval_loss_before": None, "sample_ids": []}
-    if state["eval_loss_before"] is None and held:
-        state["eval_loss_before"] = _eval_loss(engine, held, sft.batch_size, pad_id, sft.packing)
-    setup_s = time.perf_counter() - t_start  # model load + DeepSpeed init (+ its op build on first use)
-    cpu_s = 0.0  # this process's CPU seconds in the optimizer steps of this attempt (benchmarks)
-    engine.train()
-    while state["step"] < total:
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss_sum = n_tok = tokens = 0.0
-        step_ids = []
-        n_step = sum(len(train[i]["completion"]) for i in schedule.step_samples(state["step"]))
-        for micro in range(sft.grad_accum):
-            idx = schedule.micro_batch(state["step"] * sft.grad_accum + micro, r)
-            step_ids += [train[i]["id"] for i in idx]
-            batch = collate([train[i] for i in idx], pad_id, sft.packing)
-            loss, n = completion_loss(engine, batch)
-            engine.backward(loss * step_weight(n, n_step, sft.grad_accum, world))
-            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            loss_sum += float(loss.detach()) * n
-            n_tok += n
-            tokens += batch_tokens(batch)
-        loss_sum, n_tok, tokens = common.all_reduce_sum([loss_sum, n_tok, tokens])
-        state["step"] += 1
-        state["losses"].append(loss_sum / max(n_tok, 1.0))
-        tracker.log(state["step"], {"train/loss": state["losses"][-1]})
-        state["tokens"] += int(tokens)
-        step_s = time.perf_counter() - t0
-        state["train_s"] += step_s
-        state.setdefault("step_s", []).append(step_s)  # per step: warm-up vs steady state (benchmarks)
-        cpu_s += time.process_time() - c0
-        if config.get("fail_at_step") == state["step"] and restored is None and r == 0:
-            os._exit(1)  # fault injection for the resume tests: a worker process dies mid-run
-        if config.get("log_sample_ids"):
-            state["sample_ids"].append(step_ids)  # this rank's ids; rank 0's are kept in the checkpoint
-        # report_every (set by sweeps): metrics-only reports with the eval loss, what ASHA compares trials by;
-        # then every report carries it, since Tune rejects a report without the scheduler's metric.
-        report_every = config.get("report_every")
-        at_ckpt = state["step"] % sft.checkpoint_every == 0 and state["step"] < total
-        at_report = bool(report_every) and state["step"] % report_every == 0 and state["step"] < total
-        if at_ckpt or at_report:
-            metrics = {"step": state["step"], "train_loss": state["losses"][-1]}
-            if report_every and held:
-                metrics["eval_loss"] = _eval_loss(engine, held, sft.batch_size, pad_id, sft.packing)
-            if at_ckpt:
-                common.report_checkpoint(engine, state, metrics)
-            else:
-                ray.train.report(metrics)  # every rank reports (Train V2 waits for all)
-
-    eval_loss = _eval_loss(engine, held, sft.batch_size, pad_id, sft.packing) if held else None
-    tracker.close()
-    weights = common.full_state_dict(engine, res.zero_stage)
-    if r == 0:
-        common.save_hf_model(weights, config["base_path"], sft.lora, Path(config["model_dir"]))
-    # The last checkpoint carries the final metrics: Train V2's Result.metrics are those of the latest
-    # checkpoint, and re-running a finished run resumes here instead of training again.
-    common.report_checkpoint(engine, state, {
-        "train_loss_first": state["losses"][0], "train_loss_last": state["losses"][-1],
-        "eval_loss_before": state["eval_loss_before"], "eval_loss": eval_loss, "steps": state["step"],
-        "step": state["step"], "train_loss": state["losses"][-1],  # the keys of the intermediate reports
-        "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["train_s"], 1e-9),
-        "train_s": state["train_s"], "worker_setup_s": setup_s, "worker_total_s": time.perf_counter() - t_start,
-        "sample_ids": state["sample_ids"],
-        # the step of the checkpoint this attempt resumed from (a worker restart or a re-submitted run); None: fresh
-        "resumed_from_step": resumed_from,
-        "train_cpu_s": common.all_reduce_sum([cpu_s])[0],  # all ranks, this attempt only
-        "allocator": common.allocator_in_use(),  # rank 0's malloc: resources.allocator may have fallen back
-        "losses": state["losses"],  # train loss per optimizer step, for stemqa.tracking and the report
-        "step_s": state.get("step_s", []),  # wall seconds of each optimizer step (benchmarks: steady state)
-        "tracked_live": bool(config.get("tracking")),  # the steps are in the trackers already
-    })
+    def summary(self, state: dict) -> dict:
+        evals = state["evals"]
+        return {"eval_loss_before": evals[0]["loss"] if evals else None,
+                "eval_loss": evals[-1]["loss"] if len(evals) > 1 else None}
 
 
 def prepare_samples(cfg: StemqaConfig, train_path: Path, tok) -> tuple[list[dict], list[dict]]:
@@ -258,40 +162,21 @@ def prepare_samples(cfg: StemqaConfig, train_path: Path, tok) -> tuple[list[dict
 
 
 def run_sft(cfg: StemqaConfig, train_path: Path, out_dir: Path, base_model: Optional[str] = None,
-            run_name: str = "sft", log_sample_ids: bool = False,
-            fail_at_step: Optional[int] = None, callbacks: Optional[list] = None,
-            report_every: Optional[int] = None, tracking: Optional[LiveTarget] = None) -> dict:
-    """Fine-tune `base_model` (default cfg.model.name) on the MCQ records in `train_path`.
+            run_name: str = "sft", options: Optional[TrainOptions] = None) -> TrainResult:
+    """Fine-tune `base_model` (default cfg.model.name) on the records in `train_path` (sft.data: mcq or qa).
 
     Ray must be initialised by the caller. Checkpoints go to out_dir/ray/<run_name> (re-running with the same
-    out_dir and run_name resumes); the model to out_dir/model. Returns {"model_dir", "metrics"}.
-    Sweeps pass `callbacks` (Ray Train callbacks, e.g. TuneReportCallback) and `report_every` (report
-    {step, train_loss, eval_loss} every N optimizer steps). `tracking` (stemqa.tracking.open_stage): rank 0 logs
-    each step's train loss to the stage's tracker runs while it trains.
+    out_dir and run_name resumes); the model to out_dir/model, the per-step history to out_dir/history.jsonl.
     """
-    import ray
-    from ray.train.torch import TorchTrainer
-
     from stemqa.models.loader import load_tokenizer, resolve_model
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = base_model or cfg.model.name
-    base_path = str(resolve_model(base, cfg.model.revision))
+    base_path = str(resolve_model(base_model or cfg.model.name, cfg.model.revision))
     tok = load_tokenizer(base_path)
     train, held = prepare_samples(cfg, Path(train_path), tok)
-    config = {"sft": cfg.sft.model_dump(mode="json"), "data_ref": ray.put((train, held)), "pad_id": tok.pad_token_id,
-              "base_path": base_path, "model_dir": str(out_dir / "model"),
-              "log_sample_ids": log_sample_ids, "fail_at_step": fail_at_step, "report_every": report_every,
-              "tracking": tracking.model_dump() if tracking else None}
-    trainer = TorchTrainer(train_loop, train_loop_config=config,
-                           scaling_config=common.scaling_config(cfg.sft.resources),
-                           run_config=common.run_config(out_dir, run_name, cfg.sft.resources,
-                                                        quiet=cfg.cluster.quiet, callbacks=callbacks))
-    t_fit = time.perf_counter()
-    metrics = common.fit(trainer)
-    metrics["fit_s"] = time.perf_counter() - t_fit
-    metrics["wall_s"] = time.perf_counter() - t0
-    metrics["train_samples"], metrics["eval_samples"] = len(train), len(held)
-    return {"model_dir": str(out_dir / "model"), "metrics": metrics}
+    result = run_training(SFTMethod(cfg.sft, tok.pad_token_id), train, held, base_path, out_dir, run_name,
+                          cfg.cluster.quiet, options)
+    result.metrics.update(wall_s=time.perf_counter() - t0, train_samples=len(train), eval_samples=len(held))
+    return result

@@ -12,14 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from stemqa.config import to_yaml
-from stemqa.tune.space import TRIAL_PREFIX, Space, apply_values, flat_params, split_trial
+from stemqa.tune.space import TRIAL_PREFIX, Space, apply_values, flat_params, split_trial, sweepable_stage
 
-# Extra metrics shown when a stage reports them (besides the target metric).
-EXTRA = {
-    "sft": ["eval_loss_before", "train_loss_last", "tokens_per_s"],
-    "dpo": ["val_reward_accuracy_before", "test_reward_accuracy", "stopped_early", "best_step"],
-    "quant": ["size_mb", "quant_wall_s", "calibration_samples"],
-}
 TIMING = ["trial_wall_s", "fit_s", "worker_setup_s", "train_s"]
 
 
@@ -69,7 +63,7 @@ def collect(grid, space: Space) -> list[dict]:
         row[sw.metric] = m.get(sw.metric)
         row["steps"] = steps
         row["reports"] = m.get("training_iteration")
-        row.update({k: m.get(k) for k in EXTRA[sw.stage] + TIMING})
+        row.update({k: m.get(k) for k in sweepable_stage(sw.stage).sweep_columns + TIMING})
         row["error"] = _error_line(result.error)
         row["_values"] = values
         row["_progress"] = df
@@ -189,7 +183,7 @@ def plot_results(rows: list[dict], space: Space, plot_dir: Path) -> list[Path]:
         fig.savefig(p, dpi=100)
         plt.close(fig)
         out.append(p)
-    curve = {"dpo": "val_reward_accuracy", "sft": "eval_loss"}.get(sw.stage)
+    curve = sweepable_stage(sw.stage).sweep_curve
     if curve:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for r in rows:

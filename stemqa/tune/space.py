@@ -1,4 +1,5 @@
-"""Search spaces for `stemqa sweep`: the `SweepConfig` schema, loading from tune_spaces/*.yaml, and trial configs.
+"""Search spaces for `stemqa sweep`: the `SweepConfig` schema, loading (the spaces shipped in stemqa/tune/spaces,
+or a file), and trial configs.
 
 A space names config fields by dotted path (`sft.lr`, `dpo.beta`, `quant.group_size`) into the one config tree
 (`stemqa.config.schema.StemqaConfig`). Loading checks every path against that schema and every value a trial
@@ -25,18 +26,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from stemqa.config.load import ConfigError, load_config, validate
 from stemqa.config.schema import StemqaConfig
 
-SPACE_DIR = Path(__file__).resolve().parents[2] / "tune_spaces"
+SPACE_DIR = Path(__file__).resolve().parent / "spaces"  # package data: found wherever stemqa is installed
 TRIAL_PREFIX = "trial."  # per-trial switches that are not config fields (fault injection)
 TRIAL_KEYS = {"trial.fail_at_step": "rank 0 of the trial's Ray Train run exits at this optimizer step, and the "
                                     "trial fails (fault injection, to show a crashing trial is recorded)"}
 PAIRED_KEY = "_paired"  # key of the paired entries in the Tune param_space
 
-# What each stage optimises unless the space says otherwise (metric reported by the stage, direction).
-DEFAULT_METRIC = {"sft": ("eval_loss", "min"), "dpo": ("val_reward_accuracy_best", "max"), "quant": ("accuracy", "max")}
-# Metrics in every report a trial of the stage makes (Tune rejects a report without the scheduler's metric).
-REPORTED = {"sft": ("eval_loss", "train_loss"),
-            "dpo": ("val_reward_accuracy_best", "val_reward_accuracy", "val_reward_margin", "val_loss", "train_loss"),
-            "quant": ("accuracy", "size_mb", "quant_wall_s")}
+
+def sweepable_stage(name: str):
+    """The stage a space sweeps: one that says what its trials report (`Stage.Report`)."""
+    from stemqa.stages import get, names
+
+    stage = get(name) if name in names() else None
+    if stage is None or stage.Report is None:
+        able = [n for n in names() if get(n).Report is not None]
+        raise ValueError(f"stage {name!r} cannot be swept (stages with sweeps: {', '.join(able)})")
+    return stage
 
 
 class _Strict(BaseModel):
@@ -112,8 +117,8 @@ class SweepResources(_Strict):
 class SweepConfig(_Strict):
     """A Ray Tune sweep over one stage (tune_spaces/*.yaml)."""
 
-    stage: Literal["sft", "dpo", "quant"] = Field(description="What each trial runs: sft or dpo (a Ray Train run), "
-                                                  "quant (quantize + evaluate).")
+    stage: str = Field(description="What each trial runs: sft or dpo (a Ray Train run), quant (quantize + "
+                       "evaluate): the stage's own `run`.")
     base: str = Field("demo", description="Config every trial starts from: a preset or a YAML file "
                       "(`stemqa sweep --config` replaces it).")
     fixed: dict[str, Any] = Field(default_factory=dict, description="dotted.path: value set for every trial "
@@ -123,11 +128,10 @@ class SweepConfig(_Strict):
     paired: list[dict[str, Any]] = Field(default_factory=list, description="Entries that each set several paths "
                                          "together; one trial per entry, crossed with the grid and the draws.")
     num_samples: int = Field(1, ge=1, description="Random draws; each is crossed with every grid/paired combination.")
-    metric: Optional[str] = Field(None, description="Reported metric to optimise; default per stage: eval_loss (sft), "
+    metric: Optional[str] = Field(None, description="Reported metric to optimise, a field of the stage's report "
+                                  "(stemqa.stages.<stage>.Report); default per stage: eval_loss (sft), "
                                   "val_reward_accuracy_best (dpo), accuracy (quant).")
     mode: Optional[Literal["min", "max"]] = Field(None, description="Minimise or maximise `metric` (default per stage).")
-    report_every: int = Field(1, ge=1, description="SFT: report eval loss every N optimizer steps (what ASHA sees). "
-                              "DPO reports at each eval (dpo.eval_every).")
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     resources: SweepResources = Field(default_factory=SweepResources)
     seed: int = Field(0, description="Seed of the random draws, so a sweep is repeatable.")
@@ -138,10 +142,12 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _defaults(self):
-        metric, mode = DEFAULT_METRIC[self.stage]
-        if self.metric is not None and self.metric not in REPORTED[self.stage]:
+        stage = sweepable_stage(self.stage)
+        reported = list(stage.Report.model_fields)  # Tune rejects a report without the scheduler's metric
+        if self.metric is not None and self.metric not in reported:
             raise ValueError(f"metric {self.metric!r} is not reported by every {self.stage} trial report; "
-                             f"one of {', '.join(REPORTED[self.stage])}")
+                             f"one of {', '.join(reported)}")
+        metric, mode = stage.default_metric
         self.metric = self.metric or metric
         self.mode = self.mode or mode
         return self
@@ -284,7 +290,7 @@ def _check_values(base: StemqaConfig, fixed: dict, path: str, values: list, wher
 
 
 def resolve_space_path(source: str) -> Path:
-    """A space file, or a name under tune_spaces/ (`sft` -> tune_spaces/sft.yaml)."""
+    """A space file, or the name of one shipped with stemqa (`sft` -> stemqa/tune/spaces/sft.yaml)."""
     path = Path(source)
     if not path.exists() and (SPACE_DIR / f"{source}.yaml").exists():
         path = SPACE_DIR / f"{source}.yaml"
@@ -312,7 +318,8 @@ def load_space(source: str, base: Optional[str] = None, overrides: tuple[str, ..
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{origin}: invalid search space\n{_pydantic_errors(e)}") from None
-    base_cfg = load_config(base or sweep.base, overrides)
+    # a relative `base:` file is looked up beside the space file first (`--config` is the caller's own path)
+    base_cfg = load_config(base or sweep.base, overrides, relative_to=None if base else path.parent)
     for key in list(sweep.fixed) + list(sweep.params) + [k for e in sweep.paired for k in e]:
         where = (f"fixed.{key}" if key in sweep.fixed else f"params.{key}" if key in sweep.params else f"paired: {key}")
         try:
@@ -333,9 +340,11 @@ def load_space(source: str, base: Optional[str] = None, overrides: tuple[str, ..
     overlap = set(sweep.params) & {k for e in sweep.paired for k in e}
     if overlap:
         raise ConfigError(f"{origin}: {sorted(overlap)} both in params and paired; give each path once")
-    if sweep.stage == "sft" and sweep.metric == "eval_loss" and base_cfg.sft.eval_fraction == 0:
-        raise ConfigError(f"{origin}: metric eval_loss needs a held-out share (sft.eval_fraction > 0)")
+    stage = sweepable_stage(sweep.stage)
+    problem = stage.sweep_problem(base_cfg, sweep)
+    if problem:
+        raise ConfigError(f"{origin}: {problem}")
     uses_fault = any(k.startswith(TRIAL_PREFIX) for k in [*sweep.fixed, *sweep.params, *(k for e in sweep.paired for k in e)])
-    if sweep.stage == "quant" and uses_fault:
-        raise ConfigError(f"{origin}: trial.fail_at_step needs a training stage (sft or dpo), not quant")
+    if uses_fault and not stage.fault_injection:
+        raise ConfigError(f"{origin}: trial.fail_at_step needs a training stage (sft or dpo), not {sweep.stage}")
     return Space(sweep=sweep, base=base_cfg, path=origin)

@@ -3,17 +3,19 @@
 Layout of a sweep directory (`out_dir`):
 
     space.json         the loaded space and base config (a restore must be of the same space)
-    inputs/            what every trial reads: train records (sft), pairs + reference log-probs (dpo),
-                       calibration and eval records (quant); made once by the driver
+    inputs/            what every trial reads (the stage's inputs): train records (sft), pairs + reference
+                       log-probs (dpo), calibration and eval records (quant); made once by the driver
     tune/              Ray Tune's experiment (Tuner.restore resumes from here)
     trials/<id>/       each trial's Ray Train run (checkpoints) and, with keep_models, its model
     events.jsonl       driver-side trial events (start, complete, error) with times
     results.csv, best.yaml, plots/   written by `stemqa.tune.results` when the sweep ends
 
-Each SFT/DPO trial is a Ray Train run (`run_sft` / `run_dpo`: TorchTrainer + DeepSpeed) started inside a Tune
-*function* trainable, with `TuneReportCallback` forwarding rank 0's reports to Tune (Train V2 cannot be given to
-the Tuner directly). The train loop reports the target metric every `report_every` steps (DPO: at each eval),
-which is what ASHA compares. A trial that raises is recorded as ERROR with its error and the others go on.
+A trial runs the stage's own `run` (stemqa.stages) inside a Tune *function* trainable; for SFT/DPO that is a Ray
+Train run (TorchTrainer + DeepSpeed) with `TuneReportCallback` forwarding rank 0's reports to Tune (Train V2
+cannot be given to the Tuner directly). The training loop reports the stage's `Report` at each validation
+(`<stage>.eval_every`), which is what ASHA compares. Nothing here knows a stage by name: the stage says what
+its trials report, what they hold and what is prepared once. A trial that raises is recorded as ERROR with its
+error and the others go on; each trial is logged to the configured trackers (Tune's logger callbacks).
 A restarted unfinished trial keeps its id, hence its directory, so its Ray Train run resumes from its last
 checkpoint rather than from step 0.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,7 +32,11 @@ from typing import Optional
 from ray.tune import Callback
 
 from stemqa.config import ConfigError
-from stemqa.tune.space import Space, flat_params, split_trial
+from stemqa.progress import Progress
+from stemqa.stages.base import StageContext
+from stemqa.tracking import tune_callbacks
+from stemqa.train.loop import TrainHooks
+from stemqa.tune.space import Space, flat_params, split_trial, sweepable_stage
 
 # Ray Tune saves its experiment state at most every 10 s by default ("auto"); a driver killed inside that window
 # would re-run trials that had finished. Saving every second costs little with tens of trials.
@@ -38,72 +45,41 @@ EXPERIMENT = "tune"
 
 
 # ---------------------------------------------------------------- inputs, made once by the driver
-def prepare_inputs(space: Space, out_dir: Path, train: Optional[str] = None, pairs: Optional[str] = None,
-                   model: Optional[str] = None, calib: Optional[str] = None) -> dict:
-    """Files every trial reads -> {"train"|"pairs"|"calib", "eval", "model", "trials_dir"} (absolute paths).
+def stage_args(space: Space, argv: Optional[list[str]] = None):
+    """The stage's own command-line options (`stemqa sweep sft --data F`), parsed; defaults when none."""
+    import argparse
 
-    Defaults come from the base config: data.train (sft, quant calibration), data.preference (dpo pairs),
-    eval.sets (quant, `eval_limit` questions per set), model.name (the model dpo and quant start from).
-    """
-    from stemqa.data.mcq import load_sources, read_records, write_records
+    p = argparse.ArgumentParser(prog=f"stemqa sweep {space.sweep.stage}", add_help=False)
+    p.add_argument("--out", default=None)
+    sweepable_stage(space.sweep.stage).add_arguments(p)
+    return p.parse_args(argv or [])
+
+
+def prepare_inputs(space: Space, out_dir: Path, args=None) -> dict:
+    """What every trial reads, made once: the stage's inputs from its options (`args`, else defaults from the base
+    config: data.train, data.preference, eval.sets, model.name) plus the work the stage does once for all trials
+    (`Stage.prepare_trials`: DPO's reference log-probs, quant's eval sets). {"inputs", "trials_dir"}."""
     from stemqa.data.paths import data_root
 
-    cfg, stage = space.base, space.sweep.stage
-    inp = Path(out_dir) / "inputs"
-    inp.mkdir(parents=True, exist_ok=True)
-    out = {"trials_dir": str((Path(out_dir) / "trials").resolve()), "model": model or cfg.model.name}
-    root = data_root(cfg.data.root)
-    if stage in ("sft", "quant"):
-        given = train if stage == "sft" else calib
-        if given:
-            if not Path(given).is_file():
-                raise FileNotFoundError(f"{given}: no such MCQ records file")
-            read_records(given)  # fail here, naming the row, rather than in every trial
-            path = Path(given).resolve()
-        else:
-            records, _ = load_sources(cfg.data.train, root, cfg.data.skip_invalid)
-            if not records:
-                raise ConfigError("data.train gives no records to train/calibrate on")
-            path = inp / ("train.jsonl" if stage == "sft" else "calib.jsonl")
-            write_records(records, path)
-        out["train" if stage == "sft" else "calib"] = str(path.resolve())
-    if stage == "quant":
-        out["eval"] = {}
-        for s in cfg.eval.sets:
-            records, _ = load_sources(s.sources, root, cfg.data.skip_invalid)
-            path = inp / f"eval_{s.name}.jsonl"
-            write_records(records[:space.sweep.eval_limit], path)
-            out["eval"][s.name] = str(path.resolve())
-        if not out["eval"]:
-            raise ConfigError("eval.sets is empty: a quant sweep scores each quantized model on them")
-    if stage == "dpo":
-        out["pairs"] = str(_dpo_pairs(cfg, Path(pairs) if pairs else None, inp / "pairs", out["model"]).resolve())
-    return out
-
-
-def _dpo_pairs(cfg, given: Optional[Path], default_dir: Path, model: str) -> Path:
-    """The pairs directory, and its reference log-probs computed now, once, instead of in the first trials."""
-    from stemqa.data.preference import SPLITS, prepare_pairs, read_pairs
-    from stemqa.models.loader import load_tokenizer, resolve_model
-    from stemqa.train.dpo import reference_logps
-
-    pairs_dir = given
-    if pairs_dir is None:
-        pairs_dir = default_dir
-        if not (pairs_dir / "train.jsonl").exists():
-            from stemqa.data.paths import data_root
-
-            prepare_pairs(cfg.data.preference, data_root(cfg.data.root), load_tokenizer(model), cfg.dpo, pairs_dir)
-    pairs = {s: read_pairs(pairs_dir / f"{s}.jsonl") for s in SPLITS}
-    ref = resolve_model(cfg.dpo.reference or model, cfg.model.revision)
-    reference_logps(pairs_dir, str(ref), pairs, cfg.dpo)
-    return pairs_dir
+    stage = sweepable_stage(space.sweep.stage)
+    ctx = StageContext(space.base, Path(out_dir) / "inputs", data_root(space.base.data.root),
+                       progress=Progress())
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        inputs = stage.prepare_trials(ctx, stage.inputs_from_args(args or stage_args(space), ctx), space.sweep)
+    finally:
+        ctx.progress.close()
+    return {"inputs": inputs.model_dump(mode="json"), "trials_dir": str((Path(out_dir) / "trials").resolve())}
 
 
 # ---------------------------------------------------------------- the trial
 def run_trial(params: dict, space: Space, inputs: dict) -> None:
-    """Tune function trainable: one stage run with this trial's config; reports go to Tune as it trains."""
+    """Tune function trainable: the stage's own `run` with this trial's config; its Ray Train reports go to Tune
+    as it trains (TuneReportCallback), its final metrics are the trial's last report."""
     import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from stemqa.data.paths import data_root
 
     t0 = time.time()
     trial_id = ray.tune.get_context().get_trial_id()
@@ -112,12 +88,13 @@ def run_trial(params: dict, space: Space, inputs: dict) -> None:
     with open(trial_dir / "starts.jsonl", "a") as f:  # one line per (re)start: shows what a restore re-ran
         f.write(json.dumps({"t": t0, "pid": os.getpid()}) + "\n")
     _, switches = split_trial(flat_params(params))
-    cfg = space.trial_config(params)
-    stage = space.sweep.stage
-    if stage == "quant":
-        summary = _quant_trial(cfg, inputs, trial_dir)
-    else:
-        summary = _train_trial(cfg, space, inputs, trial_dir, switches.get("fail_at_step"))
+    hooks = TrainHooks(fail_at_step=switches.get("fail_at_step"), report_evals=True)
+    stage = sweepable_stage(space.sweep.stage)
+    cfg = stage.trial_config(space.trial_config(params), hooks, space.sweep.resources.trial_cpus)
+    _let_train_clean_up_stopped_runs()
+    ctx = StageContext(cfg, trial_dir, data_root(cfg.data.root), hooks=hooks, callbacks=[TuneReportCallback()])
+    result = stage.run(ctx, stage.Inputs.model_validate(inputs["inputs"]))
+    summary = {k: v for k, v in result.metrics.items() if not isinstance(v, (dict, list))}
     summary.update(trial_done=True, trial_wall_s=time.time() - t0, step=summary.get("steps", 1))
     ray.tune.report(summary)
 
@@ -140,60 +117,35 @@ def _let_train_clean_up_stopped_runs() -> None:
     constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
 
 
-def _train_trial(cfg, space: Space, inputs: dict, trial_dir: Path, fail_at_step: Optional[int]) -> dict:
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    _let_train_clean_up_stopped_runs()
-
-    stage_cfg = getattr(cfg, space.sweep.stage)
-    if fail_at_step:
-        stage_cfg.resources.max_failures = 0  # the injected worker death must fail the trial, not be recovered
-    callbacks = [TuneReportCallback()]
-    if space.sweep.stage == "sft":
-        from stemqa.train.sft import run_sft
-
-        out = run_sft(cfg, Path(inputs["train"]), trial_dir, run_name="train", fail_at_step=fail_at_step,
-                      callbacks=callbacks, report_every=space.sweep.report_every)
-    else:
-        from stemqa.train.dpo import run_dpo
-
-        # The test split is scored by a Ray Data actor after training; inside a trial it may only use the CPUs
-        # the trial's own workers held (they are free by then), or it would wait for CPUs other trials hold.
-        res = stage_cfg.resources
-        stage_cfg.ref_cpus = min(stage_cfg.ref_cpus, res.num_workers * res.cpus_per_worker)
-        out = run_dpo(cfg, Path(inputs["pairs"]), trial_dir, base_model=inputs["model"], run_name="train",
-                      fail_at_step=fail_at_step, callbacks=callbacks, report_evals=True)
-    m = out["metrics"]
-    m.pop("sample_ids", None)
-    m.pop("losses", None)  # per-step list: the curve is in the trial's progress.csv
-    evals = m.pop("evals", None)
-    if evals is not None:  # the per-eval curve, for the DPO plot (also in the trial's progress.csv)
-        (trial_dir / "evals.json").write_text(json.dumps(evals))
-    return m
-
-
-def _quant_trial(cfg, inputs: dict, trial_dir: Path) -> dict:
-    import torch
-
-    from stemqa.data.mcq import read_records
-    from stemqa.eval.run import evaluate
-    from stemqa.quant import quantize
-
-    torch.set_num_threads(max(1, int(cfg.quant.num_cpus)))
-    q = quantize(cfg.quant, inputs["model"], read_records(inputs["calib"]), trial_dir / "model")
-    accs = {}
-    for name, path in inputs["eval"].items():
-        m = evaluate(q["model_dir"], read_records(path), trial_dir / "eval" / name, scoring=cfg.eval.scoring,
-                     batch_size=cfg.eval.batch_size, header=cfg.eval.subject_header, progress=False)
-        accs[name] = m["accuracy"]
-    summary = {k: v for k, v in q.items() if k not in ("model_dir", "source_model")}
-    summary.update({f"accuracy_{k}": v for k, v in accs.items()})
-    summary["accuracy"] = sum(accs.values()) / len(accs)
-    summary["quant_wall_s"] = summary.pop("wall_s")
-    return summary
-
-
 # ---------------------------------------------------------------- driver
+class TrialProgress(Callback):
+    """A line on the driver's terminal as each trial starts and ends: how many are done, the best so far."""
+
+    def __init__(self, space: Space):
+        self.space, self.best = space, None
+
+    def _line(self, what: str, trials, trial) -> None:
+        sw = self.space.sweep
+        value = (trial.last_result or {}).get(sw.metric)
+        if what == "completed" and isinstance(value, (int, float)):
+            if self.best is None or (value < self.best if sw.mode == "min" else value > self.best):
+                self.best = value
+        ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        running = sum(t.status == "RUNNING" for t in trials)
+        best = f"; best {sw.metric} {self.best:.4g}" if self.best is not None else ""
+        print(f"[sweep] trial {trial.trial_id} {what}: {ended} finished, {running} running{best}",
+              file=sys.stderr, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line("started", trials, trial)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line("completed", trials, trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line("failed", trials, trial)
+
+
 class EventLog(Callback):
     """Tune callback writing trial starts, completions and errors (driver clock) to events.jsonl."""
 
@@ -214,12 +166,10 @@ class EventLog(Callback):
         self._write("error", trial)
 
 
-def trial_resources(space: Space) -> dict:
-    """What the trial itself holds: a sliver for sft/dpo (its Train workers ask for their own CPUs), the
-    quantization CPUs for quant (it quantizes and evaluates in the trial process)."""
-    if space.sweep.stage == "quant":
-        return {"cpu": max(space.sweep.resources.trial_cpus, space.base.quant.num_cpus)}
-    return {"cpu": space.sweep.resources.trial_cpus}
+def trial_cpus(space: Space) -> tuple[float, float]:
+    """(CPUs the trial process holds, CPUs its Ray workers or tasks ask for): a sliver for the trial, which only
+    waits on its stage's Train workers (sft, dpo) or Ray tasks (quant)."""
+    return sweepable_stage(space.sweep.stage).trial_cpus(space.base, space.sweep.resources.trial_cpus)
 
 
 def check_fits(space: Space) -> None:
@@ -227,19 +177,17 @@ def check_fits(space: Space) -> None:
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    need = trial_resources(space)["cpu"]
-    if space.sweep.stage != "quant":
-        res = getattr(space.base, space.sweep.stage).resources
-        need += res.num_workers * res.cpus_per_worker
+    need = sum(trial_cpus(space))
     if need > cpus + 1e-9:
-        raise ConfigError(f"{space.path}: one trial needs {need:g} CPUs (trial + Train workers) but the cluster "
-                          f"has {cpus:g}; lower {space.sweep.stage}.resources.cpus_per_worker or num_workers")
+        raise ConfigError(f"{space.path}: one trial needs {need:g} CPUs (the trial + its workers) but the cluster "
+                          f"has {cpus:g}; lower the {space.sweep.stage} stage's resources")
 
 
 def _trainable(space: Space, inputs: dict):
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(run_trial, space=space, inputs=inputs), trial_resources(space))
+    return tune.with_resources(tune.with_parameters(run_trial, space=space, inputs=inputs),
+                               {"cpu": trial_cpus(space)[0]})
 
 
 def _scheduler(space: Space):
@@ -266,10 +214,13 @@ def build_tuner(space: Space, out_dir: Path, inputs: dict, verbose: int = 1):
         # a fresh trial actor each time: a stopped trial's actor dies with its nested Ray Train run
         reuse_actors=False, trial_dirname_creator=lambda t: t.trial_id,
     )
+    out_dir = Path(out_dir).resolve()
+    # one tracker run per trial (MLflow beside the sweep directory, as a pipeline run's are beside the run)
+    trackers = tune_callbacks(space.base.tracking, str(out_dir.parent))
     run_config = tune.RunConfig(
-        name=EXPERIMENT, storage_path=str(Path(out_dir).resolve()), verbose=verbose,
+        name=EXPERIMENT, storage_path=str(out_dir), verbose=verbose,
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),  # a crash is recorded, not retried
-        callbacks=[EventLog(Path(out_dir).resolve() / "events.jsonl")],
+        callbacks=[EventLog(out_dir / "events.jsonl"), TrialProgress(space), *trackers],
     )
     return tune.Tuner(_trainable(space, inputs), param_space=space.param_space(), tune_config=tune_config,
                       run_config=run_config)
@@ -282,9 +233,9 @@ def _space_record(space: Space) -> dict:
     return {"path": space.path, "sweep": space.sweep.model_dump(mode="json"), "base": base}
 
 
-def run_sweep(space: Space, out_dir: Path, train: Optional[str] = None, pairs: Optional[str] = None,
-              model: Optional[str] = None, calib: Optional[str] = None, verbose: int = 1) -> dict:
-    """Run (or resume) the sweep in `out_dir`; Ray must be initialised. Returns the summary of
+def run_sweep(space: Space, out_dir: Path, args=None, verbose: int = 1) -> dict:
+    """Run (or resume) the sweep in `out_dir`; Ray must be initialised. `args`: the stage's own options
+    (`stage_args`; default: the base config's data and model). Returns the summary of
     `stemqa.tune.results.write_results`: {"results_csv", "best_yaml", "best", "plots", "counts", "table"}.
 
     When `out_dir` holds a sweep of the same space, it resumes with `Tuner.restore`: finished and failed
@@ -312,7 +263,7 @@ def run_sweep(space: Space, out_dir: Path, train: Optional[str] = None, pairs: O
         resumed = True
     else:
         check_fits(space)
-        inputs = prepare_inputs(space, out_dir, train=train, pairs=pairs, model=model, calib=calib)
+        inputs = prepare_inputs(space, out_dir, args)
         (out_dir / "inputs.json").write_text(json.dumps(inputs, indent=2))
         record_path.write_text(json.dumps(record, indent=2))
         tuner = build_tuner(space, out_dir, inputs, verbose=verbose)

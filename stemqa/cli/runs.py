@@ -128,8 +128,3 @@ def main(argv=None) -> int:
         print_show(run, args.full_config)
     return 0
 
-
-if __name__ == "__main__":
-    from jobs.common import run_main
-
-    run_main(main)

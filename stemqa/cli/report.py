@@ -34,8 +34,3 @@ def main(argv=None) -> int:
     print(f"report: {out.resolve()}")
     return 0
 
-
-if __name__ == "__main__":
-    from jobs.common import run_main
-
-    run_main(main)

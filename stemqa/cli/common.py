@@ -1,18 +1,19 @@
-"""What every job entry point shares: config arguments, Ray connection, the run directory.
+"""What every command shares: config arguments, Ray connection, the run directory, one-line user errors.
 
-A job is `python -m jobs.<stage> --config <preset|file> [--set a.b=v ...] [--run RUN_DIR]`; the same `main`
-is `stemqa <stage>`. Jobs stay thin: parse, load config, connect to Ray, call the stage, print the result.
+A command is `stemqa <command> --config <preset|file> [--set a.b=v ...] [--run RUN_DIR]`; `python -m
+jobs.<stage>` (the `ray job submit` entry points) runs the same code.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from stemqa.ray_utils import init_ray  # first: it loads the local cluster's client env before ray is imported
 from stemqa.config import StemqaConfig, load_config
+from stemqa.ray_utils import init_ray
 from stemqa.runs import Run
 
 
@@ -59,13 +60,28 @@ def fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def run_main(main, argv: Optional[list[str]] = None) -> None:
-    """Run a job's main with user errors (bad config, bad data, missing model) as one clear line."""
+@contextmanager
+def user_errors():
+    """User errors (bad config, bad data, missing model, a stage without its inputs) as one clear line on stderr
+    and exit status 2, not a traceback."""
     from stemqa.config import ConfigError
     from stemqa.data.mcq import MCQFormatError
+    from stemqa.data.preference import PreferenceFormatError
+    from stemqa.data.qa import QAFormatError
+    from stemqa.filter import FilterError
     from stemqa.models import ModelLoadError
+    from stemqa.quant.errors import QuantError
+    from stemqa.stages.base import StageInputError
 
     try:
-        sys.exit(main(argv) or 0)
-    except (ConfigError, MCQFormatError, ModelLoadError, FileNotFoundError) as e:
+        yield
+    except (ConfigError, MCQFormatError, QAFormatError, PreferenceFormatError, FilterError, QuantError,
+            ModelLoadError, StageInputError, FileNotFoundError) as e:
         fail(str(e))
+
+
+def run_main(main, argv: Optional[list[str]] = None) -> None:
+    """Run a command's main and exit with its status (user errors as one line, see `user_errors`)."""
+    with user_errors():
+        code = main(argv) or 0
+    sys.exit(code)

@@ -1,7 +1,7 @@
 """`stemqa config`: print the resolved config (a preset or file with overrides) or the schema."""
 from __future__ import annotations
 
-from jobs.common import config_from, parser
+from stemqa.cli.common import config_from, parser
 from stemqa.config import to_yaml
 from stemqa.config.load import dump_schema
 
@@ -16,8 +16,3 @@ def main(argv=None) -> int:
         print(to_yaml(config_from(args)), end="")
     return 0
 
-
-if __name__ == "__main__":
-    from jobs.common import run_main
-
-    run_main(main)

@@ -8,7 +8,8 @@
 The job runs `python -m stemqa.cli <stage> ...` on the cluster with this repository as its working dir (data,
 runs, venvs, caches and test outputs left out). The config is validated here first, so a bad field fails
 before anything is uploaded. Relative storage/data/run paths are made absolute here, so artifacts land where
-the submitter expects (on a multi-machine cluster use shared storage: s3://, gs:// or a shared mount).
+the submitter expects (on a multi-machine cluster, cluster.storage_path must be a mount every node shares).
+While the job runs its progress lines (stemqa.progress) come with its logs.
 Address default: $RAY_ADDRESS when it is a dashboard URL, else the local cluster's dashboard
 ($STEMQA_CLUSTER_DIR/dashboard, written by cluster/local.sh).
 """
@@ -24,12 +25,11 @@ import tomllib
 from pathlib import Path
 from typing import Optional
 
-from stemqa import storage
-from stemqa.ray_utils import read_env_file
 from stemqa.config import load_config
+from stemqa.ray_utils import local_cluster_dir, read_env_file
 
-ROOT = Path(__file__).resolve().parents[1]
-NOT_STAGES = ("submit", "jobs", "stop", "config")
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the job's working dir
+NOT_STAGES = ("submit", "jobs", "stop", "config", "runs", "report", "quant")
 # Besides the stages: a cluster check that runs one task on each node and records where each ran.
 EXTRA_ENTRYPOINTS = {"nodes": "python cluster/nodes.py"}
 # Left out of the uploaded working dir (gitignore syntax, relative to the repo; a leading / anchors at the root,
@@ -52,8 +52,8 @@ def stages() -> list[str]:
     return [c for c in COMMANDS if c not in NOT_STAGES] + list(EXTRA_ENTRYPOINTS)
 
 
-def local_cluster_dir() -> Path:
-    return Path(os.environ.get("STEMQA_CLUSTER_DIR", "/tmp/stemqa-cluster"))
+def absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
 def use_local_cluster_auth(address: str) -> None:
@@ -131,9 +131,9 @@ def entrypoint_args(args, extra: list[str]) -> tuple[list[str], dict[str, str]]:
     cfg = load_config(args.config, args.overrides)  # ConfigError names the field, before any upload
     # the absolute forms below replace what the user wrote for these two
     sets = [o for o in args.overrides if o.split("=", 1)[0].strip() not in ("cluster.storage_path", "data.root")]
-    sets.append(f"cluster.storage_path={storage.absolute(cfg.cluster.storage_path)}")
+    sets.append(f"cluster.storage_path={absolute(cfg.cluster.storage_path)}")
     if cfg.data.root != "auto":
-        sets.append(f"data.root={storage.absolute(cfg.data.root)}")
+        sets.append(f"data.root={absolute(cfg.data.root)}")
     env = {}
     if cfg.data.root == "auto" and not os.environ.get("STEMQA_DATA_ROOT") and data_root("auto") != SAMPLE_DATA:
         # what 'auto' means here; on a cluster without that directory the job falls back to its own 'auto'
@@ -142,7 +142,7 @@ def entrypoint_args(args, extra: list[str]) -> tuple[list[str], dict[str, str]]:
     for s in sets:
         argv += ["--set", s]
     if args.run:
-        argv += ["--run", storage.absolute(args.run)]
+        argv += ["--run", absolute(args.run)]
     return argv + extra, env
 
 

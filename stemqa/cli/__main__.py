@@ -1,0 +1,3 @@
+from stemqa.cli import main
+
+main()
