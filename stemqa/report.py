@@ -241,6 +241,17 @@ def retrieval_section(run: Run) -> Optional[str]:
     return _table(["retrieval metric", "value"], rows) if rows else None
 
 
+def model_card_section(run: Run) -> Optional[str]:
+    """The select stage's model card (markdown) as HTML."""
+    card = run.path / "model_card.md"
+    if run.stage_status("select") != "done" or not card.exists():
+        return None
+    from markdown_it import MarkdownIt
+
+    # html=False: the card's text is escaped, never passed through as markup
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(card.read_text(encoding="utf-8"))
+
+
 def stages_table(run: Run) -> str:
     rows = []
     for name, st in run.manifest()["stages"].items():
@@ -269,6 +280,7 @@ def render(run: Run, compare: Sequence[Run] = ()) -> str:
         ("Train loss over steps", lambda: loss_figure(runs), "img"),
         ("DPO validation reward accuracy and margin", lambda: dpo_figure(runs), "img"),
         ("Evaluation per subject (accuracy, n)", lambda: eval_table(run), "html"),
+        ("Model card: what is served and why", lambda: model_card_section(run), "html"),
         ("Quantization trade-off", lambda: quant_figure(run), "img"),
         ("Retrieval", lambda: retrieval_section(run), "html"),
     ]

@@ -30,7 +30,7 @@ def test_pipeline_submitted_as_a_ray_job(submit_job, tmp_path, shared_data):
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     stages = manifest["stages"]
-    assert list(stages) == ["data", "filter", "sft", "dpo", "quant", "rag", "eval", "serve"]
+    assert list(stages) == ["data", "filter", "sft", "dpo", "quant", "rag", "eval", "select", "serve"]
     assert all(s["status"] == "done" for s in stages.values())
     from stemqa.train.common import tcmalloc_soname  # the train workers' allocator, as the job's nodes have it
 
@@ -45,6 +45,12 @@ def test_pipeline_submitted_as_a_ray_job(submit_job, tmp_path, shared_data):
     assert metrics["n"] == 8
     answer = json.loads((run_dir / stages["serve"]["artifacts"]["answer"]).read_text())
     assert answer["answer"] in "ABCD" and abs(sum(answer["probabilities"].values()) - 1) < 1e-3
+    # the app answers in the (model, mode) the select stage chose on dev, with its fitted parameters
+    chosen = stages["select"]["metrics"]
+    assert answer["mode"] == chosen["chosen_mode"] and answer["calibration"]["model"] == chosen["chosen_model"]
+    assert stages["serve"]["inputs"]["mode_params"] == stages["select"]["artifacts"]["mode_params"]
+    assert "## Dev selection" in (run_dir / "model_card.md").read_text()
+    assert "Model card: what is served and why" in (run_dir / "report.html").read_text()
     assert "stemqa pipeline" in logs  # the summary table was printed
     # progress while the stages ran, from the Train workers and Ray tasks on both nodes, in the job's log
     assert "[sft] step 2/2 (100%)" in logs and "[dpo] step 2/2 (100%)" in logs, logs[-4000:]

@@ -95,6 +95,17 @@ def runs(tmp_path_factory, tiny_model):
             m = evaluate(str(main.artifact(name, "model")), mmlu, rec.dir / name / "mmlu", progress=False)
             rec.add_artifact(name, rec.dir / name)
             rec.add_metrics(**{f"{name}/mmlu": m["accuracy"]})
+    # the select stage's model card, made by the library from these predictions (dpo as the reference model)
+    from stemqa.eval.card import CardInputs, write_model_card
+    from stemqa.eval.select import load_candidate, select_best
+
+    cands = [load_candidate(label, "letter", {"mmlu": main.path / "eval" / name / "mmlu"})
+             for label, name in (("base", "dpo"), ("quant", "quant"))]
+    sel = select_best(cands)
+    with main.stage("select") as rec:
+        card = write_model_card(main.path / "model_card.md", CardInputs(
+            "report test", sel, {(c.model, c.mode): c.predictions for c in cands}, {"mmlu": "report"}))
+        rec.add_artifact("model_card", card)
     return main, other
 
 
@@ -109,6 +120,7 @@ def test_report_renders_in_chromium(runs):
     page_html = out.read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page_html)  # self-contained: nothing fetched
     assert "not in this run" not in page_html  # every section has content for this run
+    assert "<h1>Model card: report test</h1>" in page_html and "<h2>Letter bias</h2>" in page_html
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
@@ -128,6 +140,8 @@ def test_report_renders_in_chromium(runs):
     metrics = json.loads((main.path / "eval/quant/mmlu/metrics.json").read_text())
     for subj, v in metrics["per_subject"].items():
         assert f"{v['accuracy']:.3f} ({v['n']})" in eval_table and subj in eval_table
+    card = next(t for t in tables if "vs base best" in t)  # the model card's markdown tables render as tables
+    assert "quant" in card and "reference" in card
     rag = next(t for t in tables if "retrieval metric" in t)
     assert "recall@5" in rag and f"{main.manifest()['stages']['rag']['metrics']['recall@5']:.3f}" in rag
 
@@ -164,4 +178,4 @@ def test_report_of_partial_run_says_what_is_missing(tmp_path):
     with run.stage("data") as rec:
         rec.add_metrics(records=3)
     html = write_report(run.path).read_text()
-    assert html.count("not in this run") == 5 and "<img" not in html
+    assert html.count("not in this run") == 6 and "<img" not in html

@@ -70,7 +70,7 @@ def test_stage_list_and_sections_are_checked_at_load():
         load_config("demo", ["stages=[data, trian]"])
     with pytest.raises(ConfigError, match="listed twice: data"):
         load_config("demo", ["stages=[data, data]"])
-    assert load_config("demo").stages == ["data", "filter", "sft", "dpo", "quant", "rag", "eval", "serve"]
+    assert load_config("demo").stages == ["data", "filter", "sft", "dpo", "quant", "rag", "eval", "select", "serve"]
 
 
 @pytest.mark.parametrize("override, path, words", [
@@ -145,6 +145,41 @@ def test_eval_takes_a_data_file_with_its_format_and_scoring(ray_local, tiny_mode
     assert metrics["n"] == 3 and metrics["scoring"] == "cloze"
     printed = capsys.readouterr().out
     assert re.search(r"mine\s+3\s+\d\.\d{3}", printed) and f"results: {out}" in printed
+
+
+def test_select_serves_the_base_in_its_best_mode_when_no_trained_model_beats_it(ray_local, tiny_model, tmp_path):
+    """The select stage in a run: every candidate x mode fitted on dev (real Ray tasks), the selection, the chosen
+    mode's parameters, the model card in the run; an 'sft' that is the base model itself cannot beat it, so the
+    base is served in its best dev mode, the summary says so, and the serve stage reads that choice."""
+    from stemqa.stages import get
+    from stemqa.stages.base import StageContext, record_stage
+    from stemqa.stages.serve import serving_sources
+
+    cfg = load_config("tests/configs/tiny.yaml", [f"model.name={tiny_model}", "tracking.backends=[]",
+                                                   "eval.sets=[]", "select.dev_limit=5"])
+    run = Run.create(str(tmp_path), "sel")
+    with run.stage("sft") as rec:  # a "trained" model that is the base model: no better by construction
+        rec.add_artifact("model", Path(tiny_model))
+    stage = get("select")
+    ctx = StageContext(cfg, run.stage_dir("select"), SAMPLE, run=run)
+    inputs = stage.inputs_from_run(ctx)
+    assert sorted(inputs.models) == ["base", "sft"]
+    result = record_stage(stage, ctx, inputs)
+    assert not result.trained_beats_base and result.chosen_model == "base"
+    assert result.summary.startswith("no trained model beats the base on dev; serving the base model")
+    sel = json.loads((run.path / "select" / "selection.json").read_text())
+    assert {(s["model"], s["mode"]) for s in sel["scores"]} == {
+        (m, mode) for m in ("base", "sft") for mode in ("letter", "letter_debiased", "cloze_question")}
+    assert sel["chosen"]["accuracy"]["n"] == 10  # 5 questions from each of the two dev sets
+    params = json.loads((run.path / "select" / "mode_params.json").read_text())
+    assert params["mode"] + ("_question" if params["cloze_template"] == "question" else "") == result.chosen_mode
+    card = (run.path / "model_card.md").read_text()
+    assert "**No trained model beat the base model on dev: the base model is served.**" in card
+    assert "## Letter bias" in card and "## Calibration" in card
+    assert run.manifest()["stages"]["select"]["metrics"]["chosen_model"] == "base"
+    assert serving_sources(cfg, run=run)[0] == tiny_model  # the base, not the run's last model
+    assert get("serve").inputs_from_run(StageContext(cfg, run.stage_dir("serve"), SAMPLE, run=run)).mode_params \
+        == str(run.path / "select" / "mode_params.json")
 
 
 # ---- progress ------------------------------------------------------------------------------------------

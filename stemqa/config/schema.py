@@ -201,6 +201,46 @@ class EvalConfig(Section):
         return self
 
 
+def _fixed_dev_sets() -> list[EvalSet]:
+    """stemqa's fixed dev split (stemqa/data/splits.py): questions for choices, never trained on or reported."""
+    arc = lambda n, f: EvalSet(name=n, sources=[McqSource(path=f"mcq/arc/{f}", format="arc_jsonl", subject="science",  # noqa: E731
+                                                          split="dev")])
+    from stemqa.data.splits import MMLU_STEM_SUBJECTS  # the split's definition lives with the data, not here
+
+    return [arc("arc_easy_dev", "ARC-Easy-dev.jsonl"), arc("arc_challenge_dev", "ARC-Challenge-dev.jsonl"),
+            EvalSet(name="mmlu_stem_dev", sources=[McqSource(path="mcq/mmlu/test", format="mmlu_csv", split="dev",
+                                                             subjects=list(MMLU_STEM_SUBJECTS))])]
+
+
+class SelectConfig(Section):
+    enabled: bool = Field(True, description="Run this stage in the pipeline.")
+    models: Optional[list[Literal["base", "sft", "dpo", "quant"]]] = Field(
+        None, description="Candidates: null = the base model and every model this run trained or quantized.")
+    modes: list[Literal["letter", "letter_debiased", "cloze", "cloze_acc", "cloze_question", "cloze_question_acc",
+                        "permute"]] = Field(
+        default_factory=lambda: ["letter", "letter_debiased", "cloze", "cloze_question"],
+        description="Answer modes fitted (temperature, threshold; PriDe prior) and scored on dev for each model.")
+    dev_sets: list[EvalSet] = Field(default_factory=_fixed_dev_sets, description="Dev sets the choice is made on "
+                                    "(default: the fixed dev split); their sources should say split: dev.")
+    dev_limit: Optional[int] = Field(None, ge=1, description="At most this many questions per dev set.")
+    prior_questions: int = Field(64, ge=1, description="letter_debiased: dev questions the PriDe prior is fitted on.")
+    require_significant: bool = Field(
+        True, description="A trained model is chosen only when its paired 95% interval against the base model in "
+        "its best mode is above 0 (false: a higher point estimate is enough).")
+    wrong_cost: float = Field(1.0, gt=0, description="'Unsure' threshold: the cost of a wrong answer against a "
+                              "right one given (higher: unsure more often).")
+    report: bool = Field(True, description="Also score eval.sets with the chosen (model, mode) and the base model "
+                         "in its best mode, for the model card's held-out figures.")
+    batch_size: int = Field(16, ge=1, description="Questions per forward pass.")
+
+    @field_validator("modes")
+    @classmethod
+    def _each_once(cls, modes: list[str]) -> list[str]:
+        if not modes or len(set(modes)) != len(modes):
+            raise ValueError("select.modes must list at least one mode, each once")
+        return modes
+
+
 class AutoscalingConfig(Section):
     min_replicas: int = Field(1, ge=0, description="Fewest scorer replicas the autoscaler keeps.")
     max_replicas: int = Field(2, ge=1, description="Most scorer replicas the autoscaler starts.")
@@ -299,7 +339,7 @@ class TrackingConfig(Section):
 
 
 STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
-PIPELINE = ["data", "filter", "sft", "dpo", "quant", "rag", "eval", "serve"]
+PIPELINE = ["data", "filter", "sft", "dpo", "quant", "rag", "eval", "select", "serve"]
 
 
 def known_stages() -> list[str]:
@@ -325,6 +365,7 @@ class StemqaConfig(Section):
     quant: QuantConfig = Field(default_factory=QuantConfig)
     rag: RagConfig = Field(default_factory=RagConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

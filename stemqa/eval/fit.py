@@ -83,3 +83,53 @@ def rescored(preds: Sequence[Prediction], params: ModeParams, choices: Sequence[
     else:
         raise ValueError(f"{params.mode} predictions need their own forward passes (not a rescoring)")
     return [predict(p.id, p.subject, p.gold, p.loglikelihoods, sc, params) for p, sc in zip(preds, scores)]
+
+
+def fit_on_dev(scorer: MCQScorer, modes: Sequence[str], sets: dict[str, Sequence[MCQ]], out_dir, model: str = "",
+               prior_questions: int = 64, wrong_cost: float = 1.0, on_mode=None) -> dict[str, dict]:
+    """Fit every mode of `modes` on the pooled dev `sets` ({name: questions}) and write, per mode,
+    out_dir/<mode>/{mode_params.json, calibration.json, <set>/predictions.jsonl, <set>/metrics.json}; returns
+    {mode label: {"dir", "accuracy": {set: acc, "pooled": acc}}}. letter_debiased reuses the letter mode's forward
+    passes (rescored with the PriDe prior, fitted without labels on the first `prior_questions`), so it costs only
+    the prior's k passes per question of that sample. `on_mode(label)` is called as each mode starts."""
+    import json
+    from pathlib import Path
+
+    from stemqa.data.splits import share
+    from stemqa.eval.run import write_results
+    from stemqa.eval.scorer import accuracy
+
+    pooled = [q for qs in sets.values() for q in qs]
+    fitted_on = ", ".join(f"{name} {len(qs)}" for name, qs in sets.items())
+    order = sorted(modes, key=lambda m: m == "letter_debiased")  # letter's predictions first
+    letter: Optional[list[Prediction]] = None
+    out: dict[str, dict] = {}
+    for mode in order:
+        if on_mode is not None:
+            on_mode(mode)
+        if mode == "letter_debiased":
+            if letter is None:
+                letter = fit_mode(scorer, "letter", pooled, model, fitted_on, wrong_cost=wrong_cost)[2]
+            sample = sorted(pooled, key=lambda q: share("prior/" + q.id))[:prior_questions]  # hashed, all sets
+            params = ModeParams(mode="letter_debiased", letter_prior=fit_letter_prior(scorer, sample))
+            params, cal, preds = fit_from_predictions(
+                params, rescored(letter, params, [q.choices for q in pooled]), model,
+                f"{fitted_on}; prior from {min(prior_questions, len(pooled))} of them, labels unused", wrong_cost)
+        else:
+            params, cal, preds = fit_mode(scorer, mode, pooled, model, fitted_on, wrong_cost=wrong_cost)
+            if mode == "letter":
+                letter = preds
+        label = params.label()
+        d = Path(out_dir) / label
+        params.save(d / "mode_params.json")
+        by_id = {p.id: p for p in preds}
+        accs = {}
+        for name, qs in sets.items():
+            ps = [by_id[q.id] for q in qs]
+            m = {**accuracy(ps), "model": model, "data": name, "scoring": label}
+            write_results(d / name, m, ps)
+            accs[name] = m["accuracy"]
+        accs["pooled"] = accuracy(preds)["accuracy"]
+        (d / "calibration.json").write_text(json.dumps({"accuracy": accs, **cal.to_dict()}, indent=2))
+        out[label] = {"dir": str(d), "accuracy": accs}
+    return out

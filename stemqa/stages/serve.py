@@ -29,7 +29,7 @@ from stemqa.stages.base import Stage, StageContext, StageResult, artifact
 
 APP_NAME = "stemqa"
 SAMPLE = {"question": "What is the SI unit of electric charge?", "choices": ["volt", "coulomb", "ampere", "ohm"]}
-# The run's best model first: the quantized one is what students are meant to meet.
+# Without a select stage, the run's last model: the quantized one is what students are meant to meet.
 MODEL_STAGES = ("quant", "dpo", "sft")
 
 
@@ -39,12 +39,16 @@ class ServeInputs(BaseModel):
     question: str = SAMPLE["question"]
     choices: list[str] = SAMPLE["choices"]
     block: bool = False  # keep serving until Ctrl-C (a private local Ray ends with this process)
+    mode_params: Optional[str] = None  # the answer mode /v1/mcqa answers in (the select stage's choice)
 
 
 def serving_sources(cfg: StemqaConfig, model: Optional[str] = None, index: Optional[str] = None,
                     run: Optional[Run] = None) -> tuple[str, Optional[str]]:
     """(model, index or None): what was given, else the run's best model and its RAG index, else serve.model_dir /
     serve.index_dir / model.name."""
+    if run is not None and model is None and run.stage_status("select") == "done":
+        chosen = run.manifest()["stages"]["select"]["metrics"]["chosen_model"]  # what the dev selection chose
+        model = cfg.model.name if chosen == "base" else str(run.artifact(chosen, "model"))
     if run is not None:
         model = model or artifact(run, *((s, "model") for s in MODEL_STAGES))
         if index is None and cfg.rag.enabled:
@@ -119,14 +123,18 @@ class ServeStage(Stage):
 
     def inputs_from_run(self, ctx: StageContext) -> ServeInputs:
         model, index = serving_sources(ctx.cfg, run=ctx.run)
-        return ServeInputs(model=model, index=index)
+        return ServeInputs(model=model, index=index, mode_params=artifact(ctx.run, ("select", "mode_params")))
 
     def manifest_inputs(self, inputs: ServeInputs, run: Run) -> dict:
-        return {k: v for k, v in super().manifest_inputs(inputs, run).items() if k in ("model", "index")}
+        return {k: v for k, v in super().manifest_inputs(inputs, run).items()
+                if k in ("model", "index", "mode_params")}
 
     def run(self, ctx: StageContext, inputs: ServeInputs) -> StageResult:
         cfg, out = ctx.cfg, Path(ctx.out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if inputs.mode_params:
+            cfg = cfg.model_copy(deep=True)
+            cfg.serve.mode_params = inputs.mode_params
         t0 = time.time()
         url = deploy(cfg, inputs.model, inputs.index, out)
         print(f"[serve] serving {inputs.model} (index: {inputs.index or 'none'}) at {url}  "
@@ -140,7 +148,9 @@ class ServeStage(Stage):
                     time.sleep(3600)
             except KeyboardInterrupt:
                 pass
-        return StageResult(summary=f"{url}/v1/mcqa answered {answer['answer']} to {inputs.question!r}",
+        mode = answer.get("mode") or answer.get("scoring") or "letter"
+        said = "unsure (top: " + str(answer["answer"]) + ")" if answer.get("unsure") else answer["answer"]
+        return StageResult(summary=f"{url}/v1/mcqa ({mode}) answered {said} to {inputs.question!r}",
                            metrics={"url": url, "answer": answer["answer"]},
                            artifacts={"answer": str(out / "answer.json")})
 
