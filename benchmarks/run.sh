@@ -12,4 +12,4 @@ fi
 for f in benchmarks/bench_*.py; do
   echo "== $f"; .venv/bin/python "$f"
 done
-echo "== slow tests"; .venv/bin/python -m pytest -q -m slow
+echo "== slow tests (also in ./run.sh test)"; .venv/bin/python -m pytest -q -m slow

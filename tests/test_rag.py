@@ -234,7 +234,7 @@ def test_finetuned_embedder_ranks_same_subject_higher(ray_local, shared_data, tm
     records, _ = load_source(McqSource(path="mcq/mmlu/test", format="mmlu_csv", subjects=subjects), shared_data)
     train, held = split_by_subject(records, 0.3)
     before = same_subject_precision_at_k(load_embedder("all-MiniLM-L6-v2"), held, train, 5)
-    model_dir, metrics = finetune_embedder(make_triplets(train, 480), "all-MiniLM-L6-v2", tmp_path, steps=30,
+    model_dir, metrics = finetune_embedder(make_triplets(train, 240), "all-MiniLM-L6-v2", tmp_path, steps=15,
                                            batch_size=16)
     assert (model_dir / "model.safetensors").exists() and metrics["loss_last"] < metrics["loss_first"]
     after = same_subject_precision_at_k(load_embedder(str(model_dir)), held, train, 5)

@@ -101,13 +101,20 @@ def fit_on_dev(scorer: MCQScorer, modes: Sequence[str], sets: dict[str, Sequence
 
     pooled = [q for qs in sets.values() for q in qs]
     fitted_on = ", ".join(f"{name} {len(qs)}" for name, qs in sets.items())
-    order = sorted(modes, key=lambda m: m == "letter_debiased")  # letter's predictions first
+    # modes that reuse another's forward passes go after it: letter_debiased after letter, cloze_*_acc after cloze_*
+    order = sorted(modes, key=lambda m: m == "letter_debiased" or m.endswith("_acc"))
     letter: Optional[list[Prediction]] = None
+    scored: dict[str, list[Prediction]] = {}
     out: dict[str, dict] = {}
     for mode in order:
         if on_mode is not None:
             on_mode(mode)
-        if mode == "letter_debiased":
+        if mode.endswith("_acc") and mode[:-4] in scored:  # the same log-likelihoods, not length-normalised
+            params = as_params(mode)
+            params, cal, preds = fit_from_predictions(
+                params, rescored(scored[mode[:-4]], params, [q.choices for q in pooled]), model, fitted_on,
+                wrong_cost)
+        elif mode == "letter_debiased":
             if letter is None:
                 letter = fit_mode(scorer, "letter", pooled, model, fitted_on, wrong_cost=wrong_cost)[2]
             sample = sorted(pooled, key=lambda q: share("prior/" + q.id))[:prior_questions]  # hashed, all sets
@@ -117,6 +124,7 @@ def fit_on_dev(scorer: MCQScorer, modes: Sequence[str], sets: dict[str, Sequence
                 f"{fitted_on}; prior from {min(prior_questions, len(pooled))} of them, labels unused", wrong_cost)
         else:
             params, cal, preds = fit_mode(scorer, mode, pooled, model, fitted_on, wrong_cost=wrong_cost)
+            scored[mode] = preds
             if mode == "letter":
                 letter = preds
         label = params.label()
