@@ -24,7 +24,7 @@ def test_aqua_pairs_from_real_data(shared_data):
     from conftest import full_data
 
     pairs = aqua_pairs(shared_data / "mcq/aqua_rat/dev.json")
-    assert len(pairs) == (254 if full_data(shared_data) else 40)  # else the packaged sample's first 40 rows
+    assert len(pairs) == (254 if full_data(shared_data) else 96)  # else the packaged sample's first 96 rows
     first = pairs[0]  # "Three birds ... 900 km/h", correct A)32400
     assert first.prompt.startswith("Question: Three birds") and first.prompt.endswith("Answer:")
     assert "A)32400" in first.prompt and "E)10" in first.prompt
@@ -104,7 +104,7 @@ def test_prepare_pairs_counts_split_and_determinism(shared_data, tok, tmp_path):
     sources = ["aqua:mcq/aqua_rat/dev.json", "sharegpt:preference/dpo_en_demo.json"]
     from conftest import full_data
 
-    n_aqua, n_share = (254, 300) if full_data(shared_data) else (40, 20)  # else the packaged sample's slices
+    n_aqua, n_share = (254, 300) if full_data(shared_data) else (96, 20)  # else the packaged sample's slices
     a = prepare_pairs(sources, shared_data, tok, cfg, tmp_path / "a")
     c = a["counts"]
     assert c["sources"]["aqua:mcq/aqua_rat/dev.json"]["loaded"] == n_aqua

@@ -92,9 +92,13 @@ def load_eval_sets(n_mmlu: int, n_arc: int, root: Optional[Path] = None) -> dict
     from stemqa.data.paths import data_root
 
     root = Path(root or data_root())
-    per = -(-n_mmlu // len(MMLU_STEM))
-    mmlu = [q for s in MMLU_STEM for q in load_file(root / f"mcq/mmlu/test/{s}_test.csv", "mmlu_csv",
-                                                        limit=per)[0]][:n_mmlu]
+    # the subjects the data root has (the packaged sample has 4 of the 12); none is an error
+    subjects = [s for s in MMLU_STEM if (root / f"mcq/mmlu/test/{s}_test.csv").exists()]
+    if not subjects:
+        raise FileNotFoundError(f"{root / 'mcq/mmlu/test'}: none of the MMLU STEM test files ({', '.join(MMLU_STEM)})")
+    per = -(-n_mmlu // len(subjects))
+    mmlu = [q for s in subjects for q in load_file(root / f"mcq/mmlu/test/{s}_test.csv", "mmlu_csv",
+                                                       limit=per)[0]][:n_mmlu]
     arc, _ = load_file(root / "mcq/arc/ARC-Easy-test.jsonl", "arc_jsonl", subject="science", limit=n_arc)
     return {"mmlu_stem": mmlu, "arc_easy": arc}
 

@@ -217,7 +217,10 @@ def reward_accuracy(policy: dict, ref: dict, beta: float) -> dict:
     ids = sorted(ref)
     chosen = beta * np.array([policy[i]["chosen_logp"] - ref[i]["chosen_logp"] for i in ids])
     rejected = beta * np.array([policy[i]["rejected_logp"] - ref[i]["rejected_logp"] for i in ids])
-    return {"reward_accuracy": float((chosen > rejected).mean()), "reward_margin": float((chosen - rejected).mean()),
+    from stemqa.train.losses import REWARD_TIE
+
+    return {"reward_accuracy": float((chosen - rejected > REWARD_TIE).mean()),
+            "reward_margin": float((chosen - rejected).mean()),
             "n": len(ids)}
 
 

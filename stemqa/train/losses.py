@@ -39,6 +39,11 @@ def ipo_loss(chosen_lr, rejected_lr, beta, label_smoothing, chosen_len, rejected
 LOSSES = {"sigmoid": sigmoid_loss, "robust": robust_loss, "ipo": ipo_loss}
 
 
+# A reward margin within float noise is a tie, not a preference: the reference log-probs (Ray Data, batched by
+# length) and the policy's forward pad differently, so an untrained policy's margins are about 1e-6, not exactly 0.
+REWARD_TIE = 1e-4  # reward units (beta x log-prob); trained margins are orders of magnitude larger
+
+
 def dpo_loss(name: str, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
              label_smoothing: float = 0.0, chosen_len=None, rejected_len=None) -> dict:
     """Per-pair loss, rewards (β·log-ratio) and reward margins for the named loss."""
@@ -51,4 +56,4 @@ def dpo_loss(name: str, policy_chosen, policy_rejected, ref_chosen, ref_rejected
                           ones if rejected_len is None else rejected_len.to(chosen_lr.dtype))
     chosen_reward, rejected_reward = beta * chosen_lr.detach(), beta * rejected_lr.detach()
     return {"losses": losses, "chosen_reward": chosen_reward, "rejected_reward": rejected_reward,
-            "margin": chosen_reward - rejected_reward, "correct": (chosen_reward > rejected_reward).float()}
+            "margin": chosen_reward - rejected_reward, "correct": (chosen_reward - rejected_reward > REWARD_TIE).float()}
