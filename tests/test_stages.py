@@ -244,10 +244,10 @@ def test_the_library_never_imports_jobs_serve_or_benchmarks():
 
 
 def test_module_sizes_and_no_stage_names_in_the_sweep_code():
-    too_long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py")
-                if not {".venv", "benchmarks", "build"} & set(p.relative_to(ROOT).parts)
-                and (n := len(p.read_text().splitlines())) > 400}
-    assert not {k: v for k, v in too_long.items() if not k.startswith("tests/")}, too_long
+    # the project's code (not runs/ a demo left behind, with DeepSpeed's zero_to_fp32.py copies, nor .venv)
+    too_long = {str(p.relative_to(ROOT)): n for top in ("stemqa", "jobs", "serve", "cluster")
+                for p in (ROOT / top).rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not too_long, too_long
     assert len((ROOT / "jobs" / "pipeline.py").read_text().splitlines()) < 100
     for p in (ROOT / "stemqa" / "tune").glob("*.py"):
         code = "\n".join(ln.split("#")[0] for ln in p.read_text().splitlines())
