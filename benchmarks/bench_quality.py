@@ -180,20 +180,9 @@ def debiased_from_letter(scorer, tag: str, limit: Optional[int], sets: dict, fit
 
 def save_mode(d: Path, tag: str, mode: str, sets: dict, params, cal, preds, wall: float, l0: float) -> dict:
     """Write a fitted mode's params, per-set predictions and metrics, and calibration.json; returns accuracies."""
-    from stemqa.eval.run import write_results
-    from stemqa.eval.scorer import accuracy
+    from stemqa.eval.fit import save_fitted_mode
 
-    params.save(d / "mode_params.json")
-    by_id = {p.id: p for p in preds}
-    accs = {}
-    for name, qs in sets.items():
-        ps = [by_id[q.id] for q in qs]
-        m = {**accuracy(ps), "model": tag, "data": name, "scoring": mode}
-        write_results(d / name, m, ps)
-        accs[name] = m["accuracy"]
-    accs["pooled"] = accuracy(preds)["accuracy"]
-    (d / "calibration.json").write_text(json.dumps({"accuracy": accs, **cal.to_dict(), "wall_s": wall,
-                                                    "load": [l0, load()]}, indent=2))
+    accs = save_fitted_mode(d, tag, mode, sets, params, cal, preds, {"wall_s": wall, "load": [l0, load()]})
     log(f"{tag} {mode}: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()) +
         f"; ECE {cal.ece_before:.3f} -> {cal.ece_after:.3f} (T={cal.temperature:.3f}); {wall:.0f} s")
     return accs
@@ -399,11 +388,9 @@ def dev_candidates(tags: list[str]):
 
 
 def calibration_of(tag: str, mode: str):
-    from stemqa.eval.calibration import Calibration, Threshold
+    from stemqa.eval.calibration import Calibration
 
-    c = json.loads((OUT / "evals" / tag / "dev" / mode / "calibration.json").read_text())
-    return Calibration(c["n"], c["temperature"], c["nll_before"], c["nll_after"], c["ece_before"], c["ece_after"],
-                       Threshold(**c["threshold"]))
+    return Calibration.from_dict(json.loads((OUT / "evals" / tag / "dev" / mode / "calibration.json").read_text()))
 
 
 def cmd_report(a) -> None:

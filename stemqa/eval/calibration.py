@@ -121,6 +121,12 @@ class Calibration:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        """From `to_dict`'s output (extra keys, e.g. accuracies saved beside it, are ignored)."""
+        return cls(d["n"], d["temperature"], d["nll_before"], d["nll_after"], d["ece_before"], d["ece_after"],
+                   Threshold(**d["threshold"]))
+
 
 def calibrate(scores: Sequence[Sequence[float]], gold: Sequence[int], wrong_cost: float = 1.0,
               bins: int = 15) -> Calibration:

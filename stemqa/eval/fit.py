@@ -92,12 +92,9 @@ def fit_on_dev(scorer: MCQScorer, modes: Sequence[str], sets: dict[str, Sequence
     {mode label: {"dir", "accuracy": {set: acc, "pooled": acc}}}. letter_debiased reuses the letter mode's forward
     passes (rescored with the PriDe prior, fitted without labels on the first `prior_questions`), so it costs only
     the prior's k passes per question of that sample. `on_mode(label)` is called as each mode starts."""
-    import json
     from pathlib import Path
 
     from stemqa.data.splits import share
-    from stemqa.eval.run import write_results
-    from stemqa.eval.scorer import accuracy
 
     pooled = [q for qs in sets.values() for q in qs]
     fitted_on = ", ".join(f"{name} {len(qs)}" for name, qs in sets.items())
@@ -129,15 +126,30 @@ def fit_on_dev(scorer: MCQScorer, modes: Sequence[str], sets: dict[str, Sequence
                 letter = preds
         label = params.label()
         d = Path(out_dir) / label
-        params.save(d / "mode_params.json")
-        by_id = {p.id: p for p in preds}
-        accs = {}
-        for name, qs in sets.items():
-            ps = [by_id[q.id] for q in qs]
-            m = {**accuracy(ps), "model": model, "data": name, "scoring": label}
-            write_results(d / name, m, ps)
-            accs[name] = m["accuracy"]
-        accs["pooled"] = accuracy(preds)["accuracy"]
-        (d / "calibration.json").write_text(json.dumps({"accuracy": accs, **cal.to_dict()}, indent=2))
+        accs = save_fitted_mode(d, model, label, sets, params, cal, preds)
         out[label] = {"dir": str(d), "accuracy": accs}
     return out
+
+
+def save_fitted_mode(d, model: str, label: str, sets: dict[str, Sequence[MCQ]], params: ModeParams, cal: Calibration,
+                     preds: Sequence[Prediction], extra: Optional[dict] = None) -> dict[str, float]:
+    """Write a fitted mode: d/mode_params.json, d/<set>/{predictions.jsonl, metrics.json} for each of `sets` and
+    d/calibration.json (accuracies, the calibration, `extra`); returns {set: accuracy, "pooled": accuracy}."""
+    import json
+    from pathlib import Path
+
+    from stemqa.eval.run import write_results
+    from stemqa.eval.scorer import accuracy
+
+    d = Path(d)
+    params.save(d / "mode_params.json")
+    by_id = {p.id: p for p in preds}
+    accs = {}
+    for name, qs in sets.items():
+        ps = [by_id[q.id] for q in qs]
+        m = {**accuracy(ps), "model": model, "data": name, "scoring": label}
+        write_results(d / name, m, ps)
+        accs[name] = m["accuracy"]
+    accs["pooled"] = accuracy(preds)["accuracy"]
+    (d / "calibration.json").write_text(json.dumps({"accuracy": accs, **cal.to_dict(), **(extra or {})}, indent=2))
+    return accs

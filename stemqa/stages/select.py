@@ -166,7 +166,7 @@ class SelectStage(Stage):
 
     def _card(self, ctx: StageContext, inputs: SelectInputs, sel: Selection, fitted: dict, report: dict,
               out: Path) -> Path:
-        from stemqa.eval.calibration import Calibration, Threshold
+        from stemqa.eval.calibration import Calibration
         from stemqa.eval.card import CardInputs, write_model_card
         from stemqa.eval.modes import params_from_config
         from stemqa.eval.select import read_predictions
@@ -180,9 +180,8 @@ class SelectStage(Stage):
             for mode, r in modes.items():
                 results[(label, mode)] = {s: read_predictions(Path(r["dir"]) / s / "predictions.jsonl")
                                           for s in dev_names}
-                c = json.loads((Path(r["dir"]) / "calibration.json").read_text())
-                calibration[(label, mode)] = Calibration(c["n"], c["temperature"], c["nll_before"], c["nll_after"],
-                                                         c["ece_before"], c["ece_after"], Threshold(**c["threshold"]))
+                calibration[(label, mode)] = Calibration.from_dict(
+                    json.loads((Path(r["dir"]) / "calibration.json").read_text()))
         eval_mode = params_from_config(cfg.eval).label()
         for label, d in inputs.eval_results.items():  # the eval stage's figures, in eval.scoring's mode
             for s in report_names:
