@@ -48,6 +48,9 @@ allocator() {
 }
 
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# DeepSpeed JIT-builds its CPU ops (the shm comm op) on first use; a build per checkout's .venv, not one shared
+# ~/.cache that two checkouts rebuild in turn (two compilers for a minute at every switch).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
 case "${1:-}" in
   setup) setup; allocator ;;
   demo)

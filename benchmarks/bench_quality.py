@@ -566,14 +566,9 @@ def mode_name(key) -> str:
 
 
 def replace_section(body: str) -> None:
-    """Replace this benchmark's `## ` section of BENCHMARKS.md (or append it), leaving the others alone."""
-    text = BENCH_MD.read_text()
-    start = text.find(f"\n{SECTION}\n")
-    if start < 0:
-        BENCH_MD.write_text(text.rstrip("\n") + "\n\n" + body)
-        return
-    nxt = text.find("\n## ", start + 1)
-    BENCH_MD.write_text(text[:start + 1] + body + ("\n" + text[nxt + 1:] if nxt >= 0 else ""))
+    from mdsection import replace_section as replace
+
+    replace(SECTION, body, BENCH_MD)
 
 
 def main(argv=None) -> int:

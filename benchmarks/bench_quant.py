@@ -16,7 +16,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "benchmarks" / "out" / "quant"
-BENCH_MD = ROOT / "benchmarks" / "BENCHMARKS.md"
 SECTION = "## Quantization trade-off"
 REPORT_ARGS = ["report", "--model", "smollm2-135m-instruct", "--out", str(OUT.relative_to(ROOT)),
                "--settings", "int8-weight,bnb-4bit,bnb-8bit,smoothquant-w8a8,qat-w4,qat-w2,gptq-w8,gptq-w2,smoothquant-w4a8,gptq-w4",
@@ -25,11 +24,9 @@ REPORT_ARGS = ["report", "--model", "smollm2-135m-instruct", "--out", str(OUT.re
 
 
 def write_section(body: str) -> None:
-    """Replace only this benchmark's section of the shared BENCHMARKS.md (read right before writing)."""
-    text = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n"
-    head, found, rest = text.partition(SECTION)
-    tail = ("\n## " + rest.split("\n## ", 1)[1]) if found and "\n## " in rest else ""
-    BENCH_MD.write_text(head.rstrip() + f"\n\n{SECTION}\n\n{body.strip()}\n" + tail)
+    from mdsection import replace_section
+
+    replace_section(SECTION, f"{SECTION}\n\n{body.strip()}\n")
 
 
 def from_partial(note: str, header: str) -> None:

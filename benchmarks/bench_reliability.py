@@ -31,7 +31,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_MD = ROOT / "benchmarks" / "BENCHMARKS.md"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 OUT = ROOT / "benchmarks" / "out" / "reliability"
 SECTION = "## Reliability: load, faults, hostile input"
@@ -158,11 +157,9 @@ def section(runs: dict, load_before: float, load_after: float, started: str) -> 
 
 
 def write_section(body: str) -> None:
-    """Replace only this benchmark's section of the shared BENCHMARKS.md (read right before writing)."""
-    text = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n"
-    head, found, rest = text.partition(SECTION)
-    tail = ("\n## " + rest.split("\n## ", 1)[1]) if found and "\n## " in rest else ""
-    BENCH_MD.write_text(head.rstrip() + f"\n\n{SECTION}\n\n{body.strip()}\n" + tail)
+    from mdsection import replace_section
+
+    replace_section(SECTION, f"{SECTION}\n\n{body.strip()}\n")
 
 
 def main() -> int:

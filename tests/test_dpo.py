@@ -83,34 +83,18 @@ def crash_at(step: int) -> TrainOptions:
 @pytest.mark.slow
 def test_dpo_resumes_after_worker_death_with_identical_sample_order(dpo_clean):
     """A worker dies after step 3; Ray Train restarts it from the step-2 checkpoint; the pair ids every rank
-    trained on, in order, the losses and the validations equal those of the uninterrupted run."""
+    trained on, in order, the losses and the validations equal those of the uninterrupted run. (A crashed run
+    submitted again by name, and a finished one, resume through the same training loop as SFT's:
+    tests/test_sft.py::test_sft_resubmitted_crashed_or_finished_run_resumes.)"""
     tmp, cfg, clean, clean_h = dpo_clean["tmp"], dpo_clean["cfg"], dpo_clean["metrics"], dpo_clean["history"]
     result = run_dpo(cfg, tmp / "pairs", tmp / "crash", "tiny-qwen3", options=crash_at(3))
     crashed, crashed_h = result.metrics, result.history
     ids = clean_h.sample_ids  # [rank][step]: 2 ranks, 5 steps of 2 micro-batches of 1 pair
     assert len(ids) == 2 and all(len(r) == 5 and len(r[0]) == 2 for r in ids)
     assert clean["resumed_from_step"] is None and crashed["resumed_from_step"] == 2
+    assert crashed["ref_logps_computed"] is False  # the pairs' stored reference log-probs, not a new pass
     assert crashed_h.sample_ids == clean_h.sample_ids
     assert crashed["steps"] == clean["steps"] == 5
     assert crashed_h.losses == pytest.approx(clean_h.losses, rel=1e-3)
     assert [e.step for e in crashed_h.evals] == [e.step for e in clean_h.evals] == [0, 2, 4, 5]
     assert crashed["val_reward_accuracy_best"] == pytest.approx(clean["val_reward_accuracy_best"])
-
-
-@pytest.mark.slow
-def test_dpo_resubmitted_crashed_or_finished_run_resumes(dpo_clean):
-    """A run that crashed for good (max_failures=0), submitted again under the same name, continues from its last
-    checkpoint with the same pairs in the same order; a finished one submitted again trains nothing more."""
-    tmp, clean_h = dpo_clean["tmp"], dpo_clean["history"]
-    cfg = load_config("demo", DPO_RESUME + ["dpo.resources.max_failures=0"])
-    with pytest.raises(Exception):
-        run_dpo(cfg, tmp / "pairs", tmp / "crash0", "tiny-qwen3", options=crash_at(3))
-    result = run_dpo(cfg, tmp / "pairs", tmp / "crash0", "tiny-qwen3")
-    again, again_h = result.metrics, result.history
-    assert again["resumed_from_step"] == 2 and again["steps"] == 5 and again["ref_logps_computed"] is False
-    assert again_h.sample_ids == clean_h.sample_ids
-    assert again_h.losses == pytest.approx(clean_h.losses, rel=1e-3)
-    result = run_dpo(dpo_clean["cfg"], tmp / "pairs", tmp / "clean", "tiny-qwen3")
-    finished, finished_h = result.metrics, result.history
-    assert finished["resumed_from_step"] == 5 and finished_h.losses == clean_h.losses
-    assert finished_h.sample_ids == clean_h.sample_ids

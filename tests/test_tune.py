@@ -20,6 +20,17 @@ from stemqa.tune.space import load_space
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def tiny_space_with(tmp_path: Path, paired: list[str]) -> str:
+    """stemqa/tune/spaces/tiny.yaml with only the given `paired` trials: a sweep of fewer Ray Train runs (each
+    costs ~20 s of Train start-up on 2 CPUs) where a test needs the sweep machinery, not ASHA's choices."""
+    text = (ROOT / "stemqa" / "tune" / "spaces" / "tiny.yaml").read_text()
+    head, rest = text.split("\npaired:", 1)
+    tail = rest[rest.index("\nmetric:"):]
+    path = tmp_path / "tiny_small.yaml"
+    path.write_text(head + "\npaired:\n" + "".join(f"  - {t}\n" for t in paired) + tail.lstrip("\n"))
+    return str(path)
+
+
 def test_repo_spaces_load_with_the_issue_ranges():
     sft = load_space("sft")
     assert sft.sweep.params["sft.lr"].loguniform == (1e-8, 1e-4)
@@ -118,18 +129,20 @@ def test_sweep_asha_stops_trials_and_a_crash_is_recorded(ray_local, tmp_path):
     assert len(trials) == 6 and sum("eval_loss" in t.data.metrics for t in trials) >= 5  # the crash may beat it
 
 
-@pytest.mark.slow  # the sweep above plus a restart: 3-5 min on 2 CPUs
+@pytest.mark.slow  # a 4-trial sweep plus a restart: 2-4 min on 2 CPUs
 def test_sweep_restored_after_driver_kill_does_not_rerun_finished_trials(ray_local, tmp_path):
     """`stemqa sweep` runs in a subprocess against this test's Ray instance and is killed (SIGKILL) once two
     trials have finished; the same command's code then restores the sweep from its directory. Trials Tune had
     saved as finished ran exactly once, the rest ran, and the results cover every trial."""
     from stemqa.tune.sweep import run_sweep
 
+    space = tiny_space_with(tmp_path, ["{sft.lr: 3.0e-3}", "{sft.lr: 1.0e-3}", "{sft.lr: 1.0e-8}",
+                                       "{sft.lr: 1.0e-3, trial.fail_at_step: 2}"])
     out = tmp_path / "sweep"
     env = dict(os.environ, STEMQA_CLUSTER_DIR=str(tmp_path / "no-cluster"), PYTHONUNBUFFERED="1")
     address = ray_local.get_runtime_context().gcs_address
     with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "jobs.sweep", "tiny", "--out", str(out),
+        driver = subprocess.Popen([sys.executable, "-m", "jobs.sweep", space, "--out", str(out),
                                    "--address", address], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 400
@@ -142,15 +155,15 @@ def test_sweep_restored_after_driver_kill_does_not_rerun_finished_trials(ray_loc
             driver.wait()
     saved = _experiment_state(out / "tune")
     finished = {t for t, s in saved.items() if s in ("TERMINATED", "ERROR")}
-    assert len(finished) >= 2 and len(saved) < 6, saved  # trials are generated as slots free up
+    assert len(finished) >= 2 and len(finished) < 4, saved  # the kill came before the sweep's end
     assert not (out / "results.csv").exists()  # the killed driver never got to write results
 
-    summary = run_sweep(load_space("tiny"), out)  # the same directory: Tuner.restore
+    summary = run_sweep(load_space(space), out)  # the same directory: Tuner.restore
     assert summary["resumed"] is True
     for trial_id in finished:  # run exactly once: before the kill
         assert len((out / "trials" / trial_id / "starts.jsonl").read_text().splitlines()) == 1, trial_id
     by_status = _rows(summary)
-    assert sum(map(len, by_status.values())) == 6 and len(by_status["failed"]) == 1
+    assert sum(map(len, by_status.values())) == 4 and len(by_status["failed"]) == 1
     assert by_status["completed"] and summary["best_yaml"]
 
 
@@ -178,38 +191,37 @@ fixed:
   dpo.patience: 5
   dpo.checkpoint_every: 1000
   dpo.resources: {num_workers: 1, cpus_per_worker: 0.9, zero_stage: 0, max_failures: 0}
-params:
-  dpo.beta: [0.07, 0.13]
 paired:
-  - {dpo.loss: sigmoid}
-  - {dpo.loss: ipo}
+  - {dpo.loss: sigmoid, dpo.beta: 0.07}
+  - {dpo.loss: ipo, dpo.beta: 0.13}
 scheduler: {type: asha, grace_period: 2}
 """
 
 
-@pytest.mark.slow  # 4 DPO trials plus the reference log-probs: 3-5 min on 2 CPUs
+@pytest.mark.slow  # 2 DPO trials plus the reference log-probs: 2-3 min on 2 CPUs
 def test_dpo_sweep_reports_val_reward_accuracy_per_eval(ray_local, tmp_path):
     from stemqa.tune.sweep import run_sweep
 
     (tmp_path / "dpo.yaml").write_text(DPO_SPACE)
     summary = run_sweep(load_space(str(tmp_path / "dpo.yaml")), tmp_path / "sweep")
     by_status = _rows(summary)
-    assert sum(map(len, by_status.values())) == 4 and not by_status["failed"], by_status
+    assert sum(map(len, by_status.values())) == 2 and not by_status["failed"], by_status
     assert "val_reward_accuracy_by_step.png" in {Path(p).name for p in summary["plots"]}
     for r in by_status["completed"]:
         assert 0.0 <= float(r["val_reward_accuracy_best"]) <= 1.0 and int(r["steps"]) == 4
     cfg = load_config(summary["best_yaml"])
-    assert cfg.dpo.loss in ("sigmoid", "ipo") and cfg.dpo.beta in (0.07, 0.13)
+    assert (cfg.dpo.loss, cfg.dpo.beta) in (("sigmoid", 0.07), ("ipo", 0.13))
 
 
-@pytest.mark.slow  # starts the two-node local cluster, then the tiny sweep as a Ray job: 4-6 min
+@pytest.mark.slow  # on the two-node local cluster, a 2-trial sweep as a Ray job: 2-3 min
 def test_sweep_as_a_ray_job_on_the_local_cluster(local_cluster, tmp_path):
     env = dict(local_cluster["env"])
+    space = tiny_space_with(tmp_path, ["{sft.lr: 3.0e-3}", "{sft.lr: 1.0e-3}"])
     out = subprocess.run(
-        [sys.executable, "-m", "stemqa.cli", "submit", "sweep", "tiny", "--address", local_cluster["dashboard"],
+        [sys.executable, "-m", "stemqa.cli", "submit", "sweep", space, "--address", local_cluster["dashboard"],
          "--set", f"cluster.storage_path={tmp_path}", "--timeout", "900"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1000)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     sweeps = list(tmp_path.glob("sweep-sft-*"))
     assert len(sweeps) == 1 and (sweeps[0] / "results.csv").exists() and (sweeps[0] / "best.yaml").exists()
-    assert len((sweeps[0] / "results.csv").read_text().splitlines()) == 7  # header + 6 trials
+    assert len((sweeps[0] / "results.csv").read_text().splitlines()) == 3  # header + 2 trials

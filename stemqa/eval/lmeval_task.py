@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -105,20 +106,18 @@ def _arguments(sample: dict) -> list[tuple[str, str]]:
     return [(v["arg_0"], v["arg_1"]) for _, v in sorted(args.items(), key=lambda kv: int(kv[0].rsplit("_", 1)[1]))]
 
 
-def run_lmeval(model_dir: str, records: Sequence[MCQ], task_dir: Path, header: bool = True, batch_size: int = 8,
-               name: str = "stemqa_mcq", lm=None, fewshot: Mapping[str, Sequence[MCQ]] | None = None,
-               num_fewshot: int = 0, task: str = "mmlu") -> dict:
-    """Run lm-eval (`hf` model, float32, CPU) on `records`; returns per-question lls/contexts/preds and timing.
-    With `lm` (from `load_lmeval_model`) that model is used and `time_s` leaves out its loading. k-shot
-    (`num_fewshot` > 0) takes the first examples of `fewshot[subject]`, one lm-eval task per subject as MMLU.
+@dataclass
+class LmevalTasks:
+    """lm-eval tasks written for some records, and the TaskManager that indexed them (built once, outside any
+    timing: it scans lm-eval's several thousand task YAMLs)."""
+    parts: dict  # task name -> its records, in the records' order
+    task_manager: object
 
-    Result: {"loglikelihoods": [[ll per option], ...], "contexts": [prompt, ...], "pred": [letter, ...],
-    "accuracy": float, "time_s": wall seconds of simple_evaluate (model load included)}; lists in the order
-    of `records`. task "arc": lm-eval's own arc_easy task (cloze, "Question: ..\\nAnswer:"), plus "pred_norm"
-    (argmax of ll / option length), lm-eval's per-question "acc_norm" and the scored "continuations".
-    """
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the task's data is a local JSONL; never ask the hub
-    import lm_eval
+
+def prepare_lmeval(records: Sequence[MCQ], task_dir: Path, header: bool = True, name: str = "stemqa_mcq",
+                   fewshot: Mapping[str, Sequence[MCQ]] | None = None, num_fewshot: int = 0,
+                   task: str = "mmlu") -> LmevalTasks:
+    """Write the task YAML/JSONL for `records` (see `run_lmeval`) and build lm-eval's TaskManager over them."""
     from lm_eval.tasks import TaskManager
 
     if task not in ("mmlu", "arc"):
@@ -134,11 +133,32 @@ def run_lmeval(model_dir: str, records: Sequence[MCQ], task_dir: Path, header: b
     else:
         parts = {name: list(records)}
         write_lmeval_task(records, task_dir, name, header)
+    return LmevalTasks(parts, TaskManager(include_path=str(Path(task_dir).resolve())))
+
+
+def run_lmeval(model_dir: str, records: Sequence[MCQ], task_dir: Path, header: bool = True, batch_size: int = 8,
+               name: str = "stemqa_mcq", lm=None, fewshot: Mapping[str, Sequence[MCQ]] | None = None,
+               num_fewshot: int = 0, task: str = "mmlu", prepared: LmevalTasks | None = None) -> dict:
+    """Run lm-eval (`hf` model, float32, CPU) on `records`; returns per-question lls/contexts/preds and timing.
+    With `lm` (from `load_lmeval_model`) that model is used and `time_s` leaves out its loading; with `prepared`
+    (from `prepare_lmeval`, same arguments) the task files and TaskManager are not rebuilt inside `time_s`. k-shot
+    (`num_fewshot` > 0) takes the first examples of `fewshot[subject]`, one lm-eval task per subject as MMLU.
+
+    Result: {"loglikelihoods": [[ll per option], ...], "contexts": [prompt, ...], "pred": [letter, ...],
+    "accuracy": float, "time_s": wall seconds of simple_evaluate}; lists in the order
+    of `records`. task "arc": lm-eval's own arc_easy task (cloze, "Question: ..\\nAnswer:"), plus "pred_norm"
+    (argmax of ll / option length), lm-eval's per-question "acc_norm" and the scored "continuations".
+    """
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the task's data is a local JSONL; never ask the hub
+    import lm_eval
+
+    prepared = prepared or prepare_lmeval(records, task_dir, header, name, fewshot, num_fewshot, task)
+    parts = prepared.parts
     t0 = time.perf_counter()
     out = lm_eval.simple_evaluate(
         model=lm if lm is not None else "hf", model_args=None if lm is not None else f"pretrained={model_dir},dtype=float32",
         tasks=list(parts),
-        task_manager=TaskManager(include_path=str(Path(task_dir).resolve())), batch_size=batch_size,
+        task_manager=prepared.task_manager, batch_size=batch_size,
         device="cpu", log_samples=True, num_fewshot=num_fewshot,
     )
     elapsed = time.perf_counter() - t0

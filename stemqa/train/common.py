@@ -112,6 +112,24 @@ def worker_setup(res: TrainResources) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb() -> float:
+    """Peak memory since `reset_peak_memory`: CUDA allocations on a GPU, else the process's peak RSS so far."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
 def load_train_model(base_path: str, lora: Optional[LoraConfig], bf16: bool, packed: bool = False,
                      zero_stage: int = 0):
     """`packed`: the model trains on padding-free packed rows, so its attention runs sample by sample

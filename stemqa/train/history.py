@@ -1,6 +1,6 @@
 """A training run's per-step history: what rank 0 writes to `<out_dir>/history.jsonl` as it trains.
 
-One JSON object a line: `{"kind": "step", "step", "loss", "tokens", "seconds", "sample_ids"}` for each optimizer
+One JSON object a line: `{"kind": "step", "step", "loss", "tokens", "seconds", "sample_ids", "peak_mem_mb"}` for each optimizer
 step (`sample_ids[rank]` = the ids that rank trained on in that step, micro-batches in order) and
 `{"kind": "eval", "step", <metric>: value, ...}` for each validation (step 0 = before training). The stage
 result's metrics are scalars; the curves live here (the report, the trackers and the tests read them).
@@ -24,6 +24,9 @@ class StepRow(BaseModel):
     tokens: int = Field(description="Real (non-padding) tokens the step's forwards saw, all ranks.")
     seconds: float = Field(description="Wall time of the step on rank 0.")
     sample_ids: list[list[str]] = Field(description="Per rank, the sample ids of the step in micro-batch order.")
+    peak_mem_mb: Optional[float] = Field(None, description="Rank 0's peak memory in the step: on a GPU "
+                                         "torch.cuda.max_memory_allocated (reset every step); on CPU the process's "
+                                         "peak RSS so far (getrusage).")
 
 
 class EvalRow(BaseModel):

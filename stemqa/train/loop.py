@@ -161,6 +161,7 @@ def train_loop(config: dict) -> None:
     engine.train()
     while state["step"] < total and not state["stopped_early"]:
         t0, c0 = time.perf_counter(), time.process_time()
+        common.reset_peak_memory()
         k0 = state["step"] * cfg.grad_accum
         micro_batches = [[train[i] for i in schedule.micro_batch(k0 + m, rank)]
                          for m in range(cfg.grad_accum) for rank in range(world)]
@@ -181,7 +182,8 @@ def train_loop(config: dict) -> None:
         step_s = time.perf_counter() - t0
         state["step"] += 1
         state["history"].append({"step": state["step"], "loss": loss_sum / max(weight_sum, 1e-12),
-                                 "tokens": int(tokens), "seconds": step_s, "sample_ids": every_rank_ids})
+                                 "tokens": int(tokens), "seconds": step_s, "sample_ids": every_rank_ids,
+                                 "peak_mem_mb": common.peak_memory_mb()})
         state["tokens"] += int(tokens)
         state["train_s"] += step_s
         cpu_s += time.process_time() - c0
