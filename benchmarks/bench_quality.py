@@ -492,7 +492,9 @@ def write_section(a, sel, results, trained: dict, tags: list[str], l0: float, wa
              "question): dev = " + ", ".join(f"{n} ({len(results[base_key][n])})" for n in DEV_SETS)
              + "; report = " + ", ".join(f"{n} ({HELD_OUT[n].description})" for n in REPORT_SETS) + ". Training "
              "pools are the training side only (every question of a dev or report set removed, across files). "
-             "Accuracies are [Wilson 95% CI]; differences are paired bootstrap 95% CIs on the same questions.", ""]
+             "Accuracies are [Wilson 95% CI]; differences are paired bootstrap 95% CIs on the same questions."
+             + (f" Report sets scored here: a hashed {a.report_limit} of each (--report-limit)." if a.report_limit
+                else ""), ""]
     # dev table
     lines += ["### Dev: every model and mode (the selection data)", "",
               "| model | mode | " + " | ".join(DEV_SETS) + " | pooled [95% CI] | vs base best | ECE before -> after | "
