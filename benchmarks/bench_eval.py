@@ -217,8 +217,8 @@ def main(argv=None) -> int:
         best = max((r for r in rows if r["shots"] == k and r["side"] == "ours"), key=lambda r: r["speedup"])
         theirs_best = min((r for r in rows if r["shots"] == k and r["side"] == "lm-eval"), key=lambda r: r["s"])
         goal = GOALS.get(k)
-        findings.append(f"{k}-shot: ours at its fastest ({best['setting']}) is {best['speedup']:.2f}x the wall time "
-                        f"of lm-eval at its fastest ({theirs_best['setting']}), with {best['agree']:.1%} of predictions the same (log-likelihoods within "
+        findings.append(f"{k}-shot: ours at its fastest ({best['setting']}) is {best['speedup']:.2f}x as fast (wall) "
+                        f"as lm-eval at its fastest ({theirs_best['setting']}), with {best['agree']:.1%} of predictions the same (log-likelihoods within "
                         f"{best['ll_diff']:.1e})" + ("" if goal is None else
                                                      f"; the {goal:.0f}x goal is " + ("met" if best['speedup'] >= goal
                                                                                      else "not met")))
