@@ -50,7 +50,7 @@ COLUMNS = ("One scorer replica (1 CPU, 1 torch thread) per row; q/batch call = q
            "/v1/completions (prompt: \"Explain step by step: <question>\" in the model's chat template) of up to "
            "--gen-tokens tokens, "
            "min(--concurrency, --batch-size) in flight; requests/generate call from the scorer's counters.")
-GOAL = 3.0  # batched over one-at-a-time throughput, issue 13
+GOAL = 3.0  # batched over one-at-a-time throughput, issue 7
 
 ROLES = {"Scorer": "scorer", "Retriever": "retriever", "Ingress": "ingress", "ProxyActor": "proxy"}
 

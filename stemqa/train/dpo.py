@@ -23,7 +23,7 @@ from stemqa.config.schema import DPOConfig, StemqaConfig
 from stemqa.data.preference import SPLITS, Pair, read_pairs
 from stemqa.train import checkpoint, common
 from stemqa.train.loop import Method, Micro, TrainOptions, TrainResult, run_training
-from stemqa.train.losses import dpo_loss
+from stemqa.train.losses import dpo_loss, prefers_chosen
 
 Progress = Optional[Callable[..., None]]  # update(done, total): rows scored so far (stemqa.progress)
 
@@ -217,9 +217,7 @@ def reward_accuracy(policy: dict, ref: dict, beta: float) -> dict:
     ids = sorted(ref)
     chosen = beta * np.array([policy[i]["chosen_logp"] - ref[i]["chosen_logp"] for i in ids])
     rejected = beta * np.array([policy[i]["rejected_logp"] - ref[i]["rejected_logp"] for i in ids])
-    from stemqa.train.losses import REWARD_TIE
-
-    return {"reward_accuracy": float((chosen - rejected > REWARD_TIE).mean()),
+    return {"reward_accuracy": float(prefers_chosen(chosen - rejected).mean()),
             "reward_margin": float((chosen - rejected).mean()),
             "n": len(ids)}
 

@@ -1,7 +1,7 @@
 """A training run's per-step history: what rank 0 writes to `<out_dir>/history.jsonl` as it trains.
 
-One JSON object a line: `{"kind": "step", "step", "loss", "tokens", "seconds", "sample_ids", "peak_mem_mb"}` for each optimizer
-step (`sample_ids[rank]` = the ids that rank trained on in that step, micro-batches in order) and
+One JSON object a line: `{"kind": "step", "step", "loss", "tokens", "seconds", "sample_ids", "peak_mem_mb"}` for
+each optimizer step (`sample_ids[rank]` = the ids that rank trained on in that step, micro-batches in order) and
 `{"kind": "eval", "step", <metric>: value, ...}` for each validation (step 0 = before training). The stage
 result's metrics are scalars; the curves live here (the report, the trackers and the tests read them).
 """

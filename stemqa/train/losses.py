@@ -44,6 +44,11 @@ LOSSES = {"sigmoid": sigmoid_loss, "robust": robust_loss, "ipo": ipo_loss}
 REWARD_TIE = 1e-4  # reward units (beta x log-prob); trained margins are orders of magnitude larger
 
 
+def prefers_chosen(margin):
+    """Whether reward margins (chosen - rejected; a tensor or an array) rank the chosen completion first."""
+    return margin > REWARD_TIE
+
+
 def dpo_loss(name: str, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
              label_smoothing: float = 0.0, chosen_len=None, rejected_len=None) -> dict:
     """Per-pair loss, rewards (β·log-ratio) and reward margins for the named loss."""
@@ -56,4 +61,4 @@ def dpo_loss(name: str, policy_chosen, policy_rejected, ref_chosen, ref_rejected
                           ones if rejected_len is None else rejected_len.to(chosen_lr.dtype))
     chosen_reward, rejected_reward = beta * chosen_lr.detach(), beta * rejected_lr.detach()
     return {"losses": losses, "chosen_reward": chosen_reward, "rejected_reward": rejected_reward,
-            "margin": chosen_reward - rejected_reward, "correct": (chosen_reward - rejected_reward > REWARD_TIE).float()}
+            "margin": chosen_reward - rejected_reward, "correct": prefers_chosen(chosen_reward - rejected_reward).float()}
