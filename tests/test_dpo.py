@@ -6,6 +6,7 @@ import torch
 
 from stemqa.config import load_config
 from stemqa.data.preference import Pair, prepare_pairs, read_pairs
+from stemqa.models import packed_attention
 from stemqa.models.loader import load_causal_lm, load_tokenizer
 from stemqa.train.dpo import collate_pairs, encode_pair, reference_logps, run_dpo, sequence_logps
 from stemqa.train.loop import TrainHooks, TrainOptions
@@ -14,13 +15,16 @@ PAIRS = [Pair("a", "Question: 2 + 3 = ?\nAnswer:", " 2 + 3 = 5. The answer is 5"
          Pair("b", "Question: What is the speed of light in vacuum, roughly?\nAnswer:", " 3e8 m/s", " 10 m/s", "t")]
 
 
-def test_sequence_logps_equal_unpadded_forward(tiny_model):
-    """Aligned, padded pair batches give each completion's log-prob as an unpadded forward does."""
+@pytest.mark.parametrize("packing", [False, True])
+def test_sequence_logps_equal_unpadded_forward(tiny_model, packing):
+    """Aligned, padded pair batches, and all pairs' sequences packed in one padding-free row (`dpo.packing`, with
+    stemqa's packed attention), give each completion's log-prob as an unpadded forward does."""
     tok = load_tokenizer(tiny_model)
-    model = load_causal_lm(tiny_model, device="cpu")
+    attn = {"attn_implementation": packed_attention.register()} if packing else {}
+    model = load_causal_lm(tiny_model, device="cpu", **attn)
     samples = [encode_pair(tok, p, 256) for p in PAIRS]
     with torch.no_grad():
-        chosen, rejected, c_len, r_len = sequence_logps(model, collate_pairs(samples, tok.pad_token_id))
+        chosen, rejected, c_len, r_len = sequence_logps(model, collate_pairs(samples, tok.pad_token_id, packing))
         for i, s in enumerate(samples):
             for comp, got in ((s["chosen"], chosen[i]), (s["rejected"], rejected[i])):
                 ids = torch.tensor([s["prompt"] + comp])
@@ -28,6 +32,7 @@ def test_sequence_logps_equal_unpadded_forward(tiny_model):
                 want = logp[torch.arange(len(s["prompt"]) - 1, ids.shape[1] - 1), ids[0, len(s["prompt"]):]].sum()
                 assert abs(float(got) - float(want)) < 1e-3
     assert c_len.tolist() == [len(s["chosen"]) for s in samples]
+    assert r_len.tolist() == [len(s["rejected"]) for s in samples]
     assert tok.decode(samples[1]["rejected"]) == " 10 m/s" + tok.eos_token
 
 
@@ -41,7 +46,7 @@ def test_encode_pair_rejects_prompt_over_max_len(tiny_model):
 def test_dpo_run_gives_metrics_and_model(ray_local, shared_data, tiny_model, tmp_path):
     cfg = load_config("demo", ["model.name=tiny-qwen3", "dpo.lr=1e-3", "dpo.max_steps=4", "dpo.eval_every=2",
                                "dpo.checkpoint_every=2", "dpo.split_sizes=[40,12,12]", "dpo.max_len=256",
-                               "dpo.resources.zero_stage=2"])
+                               "dpo.resources.zero_stage=2", "dpo.packing=true"])
     prep = prepare_pairs(["aqua:mcq/aqua_rat/dev.json"], shared_data, load_tokenizer(tiny_model), cfg.dpo,
                          tmp_path / "pairs")
     assert prep["counts"]["split_by"] == "sizes"

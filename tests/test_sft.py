@@ -17,11 +17,10 @@ from stemqa.runs import Run
 from stemqa.tracking import TrackingConfig, log_stage, open_stage
 from stemqa.data.qa import QA, QAFormatError, load_qa_file, write_qa
 from stemqa.config.schema import TrainResources
-from stemqa.train import checkpoint, common
-from stemqa.train.common import tcmalloc_soname
+from stemqa.train import checkpoint, common, session
+from stemqa.train.common import pack, packed_token_logps, tcmalloc_soname
 from stemqa.train.loop import TrainHooks, TrainOptions
-from stemqa.train.sft import (collate, completion_loss, encode_mcq, encode_qa, pack, packed_token_logps,
-                              prepare_samples, run_sft)
+from stemqa.train.sft import collate, completion_loss, encode_mcq, encode_qa, prepare_samples, run_sft
 
 Q = MCQ("q1", "physics", "What is the unit of force?", ["joule", "newton", "watt", "pascal"], 1, "t")
 Q2 = MCQ("q2", "college_chemistry", "Which is a noble gas? " * 5, ["neon", "iron"], 0, "t")
@@ -178,8 +177,6 @@ def test_resume_takes_the_newest_checkpoint_every_rank_finished_uploading(tmp_pa
     import json
     from types import SimpleNamespace
 
-    from pyarrow import fs as pafs
-
     def ckpt(step, world=2, uploaded=(0, 1), state=True, tag="a"):
         d = tmp_path / f"{checkpoint.CKPT_PREFIX}{step:08d}_{tag}"
         d.mkdir()
@@ -189,7 +186,8 @@ def test_resume_takes_the_newest_checkpoint_every_rank_finished_uploading(tmp_pa
             (d / checkpoint.UPLOADED.format(r)).touch()
         return SimpleNamespace(path=str(d))
 
-    monkeypatch.setattr(checkpoint, "_run_storage", lambda: (pafs.LocalFileSystem(), str(tmp_path)))
+    # the storage of an in-process run (a sweep trial's) is this directory: the same search as a Train run's
+    monkeypatch.setattr(session, "_current", session.InTrial(tmp_path))
     known = ckpt(2)
     assert checkpoint._newer_complete(known) is None  # nothing newer than Ray's
     (tmp_path / "checkpoint_2026-12-04_00-00-00.000000").mkdir()  # Ray's default name, no step: never chosen

@@ -1,6 +1,7 @@
 """Training that is never silently wrong: ZeRO-3 validation on an eval set that does not split evenly over the
 ranks, reference log-probs recomputed whenever what they depend on changes, checkpoints loaded without
-unpickling arbitrary objects, and the RNG state stored as safetensors."""
+unpickling arbitrary objects, the RNG state stored as safetensors, and no run left waiting on a build lock that
+a killed build left behind."""
 from __future__ import annotations
 
 import json
@@ -175,3 +176,21 @@ def test_rng_state_round_trips_through_safetensors(tmp_path):
 
     with safe_open(str(tmp_path / "rng.safetensors"), framework="pt") as f:
         assert set(f.keys()) == {"torch", "numpy_keys"} and "numpy" in f.metadata()
+
+
+def test_stale_jit_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    """A build killed mid-way leaves torch's lock file, on which every later DeepSpeed init on CPU would wait
+    forever; an old one is removed, a recent one (a build in progress) is left to its builder."""
+    import os
+    import time
+
+    from stemqa.train.common import STALE_LOCK_S, clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert clear_stale_build_lock("some_op") is False  # no lock: nothing to do
+    lock = next(tmp_path.rglob("some_op")) / "lock"
+    lock.touch()
+    assert clear_stale_build_lock("some_op") is False and lock.exists()
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    assert clear_stale_build_lock("some_op") is True and not lock.exists()

@@ -64,6 +64,15 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(50, ge=1, description="Report a checkpoint every N optimizer steps.")
     lora: Optional[LoraConfig] = Field(None, description="LoRA adapters; null = full fine-tuning.")
     seed: int = Field(0, description="Seed for data order and initialisation.")
+    packing: bool = Field(
+        False, description="Padding-free packing: each micro-batch's sequences (SFT: its samples; DPO: every pair's "
+        "prompt+chosen and prompt+rejected) are one row with position_ids restarting per sequence (transformers' "
+        "DataCollatorWithFlattening), which transformers turns into a block-diagonal mask (sdpa/eager) or "
+        "FlashAttention varlen, so sequences never attend to each other; the model is loaded with stemqa's packed "
+        "attention, which attends within each sequence's span only instead of over the masked row. Same samples, "
+        "order and loss as unpacked; no padding tokens are computed. A packed micro-batch costs its real tokens "
+        "only, so a larger batch_size with less grad_accum (same effective batch) runs fewer, larger matrix "
+        "products: see benchmarks/BENCHMARKS.md, Training speed.")
     resources: TrainResources = Field(default_factory=TrainResources)
 
 
@@ -74,14 +83,6 @@ class SFTConfig(TrainConfig):
         "harness prompt -> ' <letter>'; qa = open-ended `{question, answer}` JSONL (stemqa.data.qa), trained as "
         "'Question: ..\\nAnswer:' -> ' <answer>'. Either way the loss is on the completion tokens only.")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Linear warm-up share of the steps.")
-    packing: bool = Field(
-        False, description="Padding-free packing: each micro-batch of batch_size samples is one row with position_ids "
-        "restarting per sample (transformers' DataCollatorWithFlattening), which transformers turns into a "
-        "block-diagonal mask (sdpa/eager) or FlashAttention varlen, so samples never attend to each other; the model "
-        "is loaded with stemqa's packed attention, which attends within each sample's span only instead of over the "
-        "masked row. Same samples, order and loss as unpacked; no padding tokens are computed. A packed micro-batch "
-        "costs its real tokens only, so a larger batch_size with less grad_accum (same effective batch) runs fewer, "
-        "larger matrix products: see benchmarks/BENCHMARKS.md, Training speed.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the data held out for the eval loss.")
 
 

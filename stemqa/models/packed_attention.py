@@ -28,7 +28,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if getattr(module, "sliding_window", None):
-        raise ValueError(f"{PACKED_SDPA} has no sliding-window attention; turn sft.packing off for this model")
+        raise ValueError(f"{PACKED_SDPA} has no sliding-window attention; turn packing off (sft.packing, dpo.packing) for this model")
     T = query.shape[2]
     starts = (position_ids[0] == 0).nonzero().flatten().tolist()
     bounds = ([0] if not starts or starts[0] != 0 else []) + starts + [T]

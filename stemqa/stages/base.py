@@ -12,7 +12,8 @@ same name in `stemqa.config.schema.StemqaConfig`. It says:
 - how it is recorded: `record(rec, result)` puts the artifacts and metrics in the run's manifest (the default
   does that for every stage; the inputs recorded are `manifest_inputs`);
 - for sweeps (stages that have them): `Report` (the metrics every trial report carries; a sweep's metric must
-  be one of its fields), `default_metric`, `trial_config`, `trial_cpus` and `prepare_trials`.
+  be one of its fields), `default_metric`, `trial_config`, `trial_cpus`, `prepare_trials` and
+  `in_process_problem` (whether a trial may train in its own Tune trial process).
 
 `record_stage` below runs a stage inside a run: manifest entry, tracker runs, metrics.jsonl, failure marking.
 """
@@ -57,6 +58,7 @@ class StageContext:
     tracking: Any = None  # stemqa.tracking.LiveTarget: the stage's tracker runs, for Train workers to log into
     hooks: TrainHooks = field(default_factory=TrainHooks)  # fault injection, sweep reports
     callbacks: list = field(default_factory=list)  # Ray Train callbacks (a Tune trial's TuneReportCallback)
+    train_in_process: bool = False  # a sweep trial with trial_mode local: train in this process (no worker group)
 
 
 class Stage:
@@ -131,6 +133,11 @@ class Stage:
         """Why a sweep of this stage with these settings cannot work, or None."""
         return None
 
+    def in_process_problem(self, cfg: StemqaConfig) -> Optional[str]:
+        """Why a trial with config `cfg` cannot do its work in its own Tune trial process (sweeps' trial_mode
+        local), or None when it can."""
+        return f"{self.name} trials run no training loop"
+
     def prepare_trials(self, ctx: StageContext, inputs: BaseModel, sweep=None) -> BaseModel:
         """Work every trial would repeat, done once by the sweep's driver (DPO: the reference log-probs); `sweep`
         is the sweep's settings (stemqa.tune.space.SweepConfig)."""
@@ -183,7 +190,7 @@ class TrainStage(Stage):
         from stemqa.train.loop import TrainOptions
 
         return TrainOptions(hooks=ctx.hooks, callbacks=list(ctx.callbacks), tracking=ctx.tracking,
-                            progress=ctx.progress.remote(self.name, unit="steps"))
+                            progress=ctx.progress.remote(self.name, unit="steps"), in_process=ctx.train_in_process)
 
     def trial_config(self, cfg: StemqaConfig, hooks: TrainHooks, trial_cpus: float) -> StemqaConfig:
         if hooks.fail_at_step:  # the injected worker death must fail the trial, not be recovered from
@@ -193,6 +200,16 @@ class TrainStage(Stage):
     def trial_cpus(self, cfg: StemqaConfig, trial_cpus: float) -> tuple[float, float]:
         res = self.section(cfg).resources
         return trial_cpus, res.num_workers * res.cpus_per_worker
+
+    def in_process_problem(self, cfg: StemqaConfig) -> Optional[str]:
+        # In process, the loop is rank 0 of 1 on the trial's CPUs; data parallelism needs Train's worker group,
+        # a GPU a trial actor that holds one (Tune gives the trial CPUs only here).
+        res = self.section(cfg).resources
+        if res.num_workers > 1:
+            return f"{self.name}.resources.num_workers={res.num_workers} (in process, a trial trains one rank)"
+        if res.use_gpu:
+            return f"{self.name}.resources.use_gpu=true (in process, a trial trains on CPU)"
+        return None
 
     def sweep_problem(self, cfg: StemqaConfig, sweep) -> Optional[str]:
         if sweep.scheduler.type == "asha" and self.section(cfg).eval_every is None:

@@ -93,6 +93,13 @@ class DPOStage(TrainStage):
         cfg.dpo.ref_cpus = min(cfg.dpo.ref_cpus, res.num_workers * res.cpus_per_worker)
         return cfg
 
+    def in_process_problem(self, cfg: StemqaConfig) -> Optional[str]:
+        # After training, the test split is scored by a Ray Data actor that needs the CPUs the Train workers held.
+        # A trial training in its own process holds those CPUs itself until it ends, so with every trial there
+        # the actors would wait on each other's trials (Ray Data schedules outside the trial's placement group).
+        return ("dpo trials score the test split with a Ray Data actor after training, on the CPUs a trial "
+                "training in its own process would still hold")
+
     def prepare_trials(self, ctx: StageContext, inputs: DPOInputs, sweep=None) -> DPOInputs:
         """The pairs, and their reference log-probs computed now, once, instead of in the first trials."""
         from stemqa.data.preference import SPLITS, read_pairs

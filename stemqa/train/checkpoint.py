@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from stemqa.config.schema import LoraConfig
+from stemqa.train import session
 from stemqa.train.common import lora_peft_config, rank
 
 TRAINER_STATE = "trainer_state.json"
@@ -84,65 +85,70 @@ def report_checkpoint(engine, state: dict, metrics: dict) -> None:
     import uuid
 
     import ray.train
-    from ray.train.collective import broadcast_from_rank_zero
 
-    r, world = rank(), ray.train.get_context().get_world_size()
+    run = session.current()  # a Ray Train worker, or a sweep trial training in its own process
+    r, world = rank(), run.world_size()
     # the step in the name orders checkpoints without opening them; the suffix keeps a re-run's apart
-    name = broadcast_from_rank_zero(f"{CKPT_PREFIX}{state['step']:08d}_{uuid.uuid4().hex[:8]}")
+    name = run.broadcast_from_rank_zero(f"{CKPT_PREFIX}{state['step']:08d}_{uuid.uuid4().hex[:8]}")
     with tempfile.TemporaryDirectory(prefix="stemqa-ckpt-") as d:
         engine.save_checkpoint(d, tag=DS_TAG)
         save_rng(Path(d) / f"rng_rank{r}.safetensors")
         if r == 0:
             (Path(d) / TRAINER_STATE).write_text(json.dumps({**state, "world": world}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
-    fs, root = _run_storage()
+        run.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+    fs, root = run.storage()
     with fs.open_output_stream(f"{root}/{name}/{UPLOADED.format(r)}"):
         pass  # this rank's files are in storage: `report` returns after its upload
 
 
-def _run_storage():
-    """(pyarrow filesystem, path of this run's directory on it)."""
-    import ray.train
-
-    storage = ray.train.get_context().get_storage()
-    return storage.storage_filesystem, storage.experiment_fs_path
-
-
-def _step_of(name: str) -> int:
+def step_of(name: str) -> int:
     return int(name[len(CKPT_PREFIX):].split("_")[0]) if name.startswith(CKPT_PREFIX) else -1
+
+
+def is_complete(fs, path: str) -> bool:
+    """Whether the checkpoint directory `path` holds the trainer state and every rank's upload marker."""
+    from pyarrow import fs as pafs
+
+    files = {f.base_name for f in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))}
+    if TRAINER_STATE not in files:
+        return False
+    with fs.open_input_stream(f"{path}/{TRAINER_STATE}") as f:
+        world = json.loads(f.read()).get("world", 1)
+    return all(UPLOADED.format(r) in files for r in range(world))
 
 
 def latest_checkpoint():
     """Ray's last registered checkpoint, or a newer complete one in the run's storage (see above); rank 0
     chooses, so all ranks load the same one."""
     import ray.train
-    from ray.train.collective import broadcast_from_rank_zero
 
-    known = ray.train.get_checkpoint()
-    fs, _ = _run_storage()
-    found = broadcast_from_rank_zero(_newer_complete(known) if rank() == 0 else None)
+    run = session.current()
+    known = run.get_checkpoint()
+    fs, _ = run.storage()
+    found = run.broadcast_from_rank_zero(_newer_complete(known) if rank() == 0 else None)
     return ray.train.Checkpoint(found, filesystem=fs) if found else known
 
 
 def _newer_complete(known) -> Optional[str]:
     """The path of the newest checkpoint in storage that every rank finished uploading, if newer than `known`."""
+    fs, root = session.current().storage()
+    found = newest_complete(fs, root, above=step_of(Path(known.path).name) if known is not None else -1)
+    if found:
+        logging.getLogger(__name__).warning(
+            "resuming from %s: complete in storage, newer than Ray's last registered checkpoint (%s)",
+            Path(found).name, Path(known.path).name if known is not None else None)
+    return found
+
+
+def newest_complete(fs, root: str, above: int = -1) -> Optional[str]:
+    """The path of the newest complete checkpoint in the run directory `root` whose step is above `above`."""
     from pyarrow import fs as pafs
 
-    newest = _step_of(Path(known.path).name) if known is not None else -1
-    fs, root = _run_storage()
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    for info in sorted((i for i in infos if i.type == pafs.FileType.Directory), key=lambda i: -_step_of(i.base_name)):
-        if _step_of(info.base_name) <= newest:
+    for info in sorted((i for i in infos if i.type == pafs.FileType.Directory), key=lambda i: -step_of(i.base_name)):
+        if step_of(info.base_name) <= above:
             return None
-        files = {f.base_name for f in fs.get_file_info(pafs.FileSelector(info.path))}
-        if TRAINER_STATE not in files:
-            continue
-        with fs.open_input_stream(f"{info.path}/{TRAINER_STATE}") as f:
-            world = json.loads(f.read()).get("world", 1)
-        if all(UPLOADED.format(r) in files for r in range(world)):
-            logging.getLogger(__name__).warning(
-                "resuming from %s: complete in storage, newer than Ray's last registered checkpoint (%s)",
-                info.base_name, Path(known.path).name if known is not None else None)
+        if is_complete(fs, info.path):
             return info.path
     return None
 

@@ -107,9 +107,37 @@ def worker_setup(res: TrainResources) -> None:
 
     if not res.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator: gloo, shm comm op
+        clear_stale_build_lock(SHM_OP)
     torch.set_num_threads(max(1, round(res.cpus_per_worker)))
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+SHM_OP = "deepspeed_shm_comm"  # the op DeepSpeed's CPU accelerator JIT-builds (or loads) in every engine init
+STALE_LOCK_S = 900  # the build takes 1-2 min here, more under load: a lock this old has no builder behind it
+
+
+def clear_stale_build_lock(op: str, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove torch's JIT-build lock of `op` when it is older than `max_age_s`; True if one was removed.
+
+    torch's `cpp_extension.load` takes a lock file (FileBaton) around every build and makes any other process wait
+    until the file is gone, with no timeout and no owner check. A process killed while building (an OOM kill, a
+    killed run) leaves the file behind, and from then on every DeepSpeed init on CPU, hence every SFT/DPO run,
+    waits forever with an idle CPU (seen here: a DPO run stuck in FileBaton.wait)."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory  # private, but the directory load() itself uses
+
+    lock = Path(_get_build_directory(op, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    logging.getLogger(__name__).warning("removing %s: a build lock %.0f s old, left by a killed build", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def reset_peak_memory() -> None:
@@ -178,7 +206,7 @@ def make_engine(model, res: TrainResources, lr: float, micro_batch: int, grad_ac
     import torch
     import torch.distributed as dist
 
-    world = dist.get_world_size() if dist.is_initialized() else 1  # Ray Train set up the process group
+    world = dist.get_world_size() if dist.is_initialized() else 1  # Ray Train (or session.run_in_trial) made it
     zero: dict = {"stage": res.zero_stage}
     if res.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -307,15 +335,15 @@ def all_gather_object(obj) -> list:
 
 
 def rank() -> int:
-    import ray.train
+    from stemqa.train import session
 
-    return ray.train.get_context().get_world_rank()
+    return session.current().rank()  # a Ray Train worker's rank, or 0 in a sweep trial training in its process
 
 
 def world_size() -> int:
-    import ray.train
+    from stemqa.train import session
 
-    return ray.train.get_context().get_world_size()
+    return session.current().world_size()
 
 
 # ---------------------------------------------------------------- completion log-probs (SFT and DPO)
@@ -353,3 +381,38 @@ def completion_token_logps(model, batch: dict):
     target = batch["completion_ids"].to(device)
     logp = -F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
     return logp * batch["completion_mask"].to(device)
+
+
+def pack(samples: list[dict]) -> dict:
+    """One padding-free row [1, T] with position_ids restarting per sample (`DataCollatorWithFlattening`).
+
+    `logits_index` are the positions whose next token is a completion token, `targets` those tokens and
+    `sample_of` the sample each belongs to: the model computes vocabulary logits at these positions only.
+    """
+    import torch
+    from transformers import DataCollatorWithFlattening
+
+    feats = [{"input_ids": s["prompt"] + s["completion"], "labels": [-100] * len(s["prompt"]) + s["completion"]}
+             for s in samples]
+    flat = DataCollatorWithFlattening(return_tensors="pt")(feats)
+    labels = flat["labels"][0]
+    at = (labels != -100).nonzero().squeeze(-1)  # the position of every completion token (never a row start)
+    sample_of = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor([len(f["input_ids"]) for f in feats]))
+    return {"input_ids": flat["input_ids"], "position_ids": flat["position_ids"], "logits_index": at - 1,
+            "targets": labels[at], "sample_of": sample_of[at]}
+
+
+def packed_token_logps(model, batch: dict):
+    """log p(token) of every completion token of a packed row [K] (attention_mask None: transformers then
+    derives the per-sample block-diagonal mask from the restarting position_ids)."""
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                logits_to_keep=batch["logits_index"].to(device), use_cache=False)
+    return -F.cross_entropy(out.logits[0].float(), batch["targets"].to(device), reduction="none")
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens the forward sees."""
+    return int(batch["input_ids"].numel()) if "targets" in batch else int(batch["attention_mask"].sum())

@@ -40,17 +40,27 @@ def encode_pair(tok, pair: Pair, max_len: int) -> dict:
     return {"id": pair.id, "prompt": prompt, **comp}
 
 
-def collate_pairs(samples: list[dict], pad_id: int) -> dict:
-    """Chosen sequences first, then rejected (as TRL), completions aligned (see `common.completion_batch`)."""
-    prompts = [s["prompt"] for s in samples]
-    return common.completion_batch(prompts + prompts, [s["chosen"] for s in samples] +
-                                   [s["rejected"] for s in samples], pad_id)
+def collate_pairs(samples: list[dict], pad_id: int, packing: bool = False) -> dict:
+    """Chosen sequences first, then rejected (as TRL). Unpacked: completions aligned (`common.completion_batch`);
+    packed: all 2 x len(samples) sequences in one padding-free row (`common.pack`, `dpo.packing`)."""
+    seqs = [(s["prompt"], s[k]) for k in ("chosen", "rejected") for s in samples]
+    if packing:
+        return {**common.pack([{"prompt": p, "completion": c} for p, c in seqs]), "sequences": len(seqs)}
+    return common.completion_batch([p for p, _ in seqs], [c for _, c in seqs], pad_id)
 
 
 def sequence_logps(model, batch: dict):
     """Sum of log p(token) over each completion -> (chosen [B], rejected [B], chosen lengths, rejected lengths)."""
-    logps = common.completion_token_logps(model, batch).sum(-1)
-    lens = batch["completion_mask"].sum(-1).to(logps.device)
+    import torch
+
+    if "targets" in batch:  # packed: per-token log-probs of the whole row, summed per sequence
+        tok = common.packed_token_logps(model, batch)
+        seq = batch["sample_of"].to(tok.device)
+        logps = torch.zeros(batch["sequences"], dtype=tok.dtype, device=tok.device).index_add(0, seq, tok)
+        lens = torch.bincount(seq, minlength=batch["sequences"])
+    else:
+        logps = common.completion_token_logps(model, batch).sum(-1)
+        lens = batch["completion_mask"].sum(-1).to(logps.device)
     n = logps.shape[0] // 2
     return logps[:n], logps[n:], lens[:n], lens[n:]
 
@@ -58,15 +68,17 @@ def sequence_logps(model, batch: dict):
 class LogpScorer:
     """Ray Data actor: one model, scores {id, prompt, chosen, rejected} batches -> summed completion log-probs."""
 
-    def __init__(self, model_path: str, max_len: int, threads: int):
+    def __init__(self, model_path: str, max_len: int, threads: int, packing: bool = False):
         import torch
 
+        from stemqa.models import packed_attention
         from stemqa.models.loader import load_causal_lm, load_tokenizer
 
         torch.set_num_threads(threads)
-        self.model = load_causal_lm(model_path, dtype="float32" if not torch.cuda.is_available() else "auto")
+        attn = {"attn_implementation": packed_attention.register()} if packing else {}
+        self.model = load_causal_lm(model_path, dtype="float32" if not torch.cuda.is_available() else "auto", **attn)
         self.tok = load_tokenizer(model_path)
-        self.max_len = max_len
+        self.max_len, self.packing = max_len, packing
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -74,7 +86,8 @@ class LogpScorer:
         samples = [encode_pair(self.tok, Pair(i, p, c, r, "ray-data"), self.max_len)
                    for i, p, c, r in zip(batch["id"], batch["prompt"], batch["chosen"], batch["rejected"])]
         with torch.no_grad():
-            chosen, rejected, c_len, r_len = sequence_logps(self.model, collate_pairs(samples, self.tok.pad_token_id))
+            chosen, rejected, c_len, r_len = sequence_logps(
+                self.model, collate_pairs(samples, self.tok.pad_token_id, self.packing))
         return {"id": list(batch["id"]), "split": list(batch["split"]), "chosen_logp": chosen.cpu().numpy(),
                 "rejected_logp": rejected.cpu().numpy(), "chosen_len": c_len.cpu().numpy(),
                 "rejected_len": r_len.cpu().numpy()}
@@ -89,7 +102,7 @@ def score_pairs(model_path: str, pairs: dict[str, list[Pair]], cfg: DPOConfig,
             for split, items in pairs.items() for p in items]
     ds = ray.data.from_items(rows).map_batches(
         LogpScorer, fn_constructor_kwargs={"model_path": model_path, "max_len": cfg.max_len,
-                                           "threads": max(1, int(cfg.ref_cpus))},
+                                           "threads": max(1, int(cfg.ref_cpus)), "packing": cfg.packing},
         batch_size=cfg.ref_batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.ref_cpus)
     out: dict[str, dict[str, dict]] = {split: {} for split in pairs}
     for n, row in enumerate(ds.iter_rows(), start=1):  # joined by id below, so the output order does not matter
@@ -143,12 +156,12 @@ def reference_logps(pairs_dir: Path, reference_path: str, pairs: dict[str, list[
 def pair_losses(engine, samples: list[dict], dpo: DPOConfig, pad_id: int) -> dict:
     import torch
 
-    batch = collate_pairs(samples, pad_id)
+    batch = collate_pairs(samples, pad_id, dpo.packing)
     chosen, rejected, c_len, r_len = sequence_logps(engine, batch)
     ref_c = torch.tensor([s["ref_chosen"] for s in samples], dtype=chosen.dtype, device=chosen.device)
     ref_r = torch.tensor([s["ref_rejected"] for s in samples], dtype=chosen.dtype, device=chosen.device)
     out = dpo_loss(dpo.loss, chosen, rejected, ref_c, ref_r, dpo.beta, dpo.label_smoothing, c_len, r_len)
-    out["tokens"] = int(batch["attention_mask"].sum())
+    out["tokens"] = common.batch_tokens(batch)
     return out
 
 

@@ -1,7 +1,7 @@
 """The one training loop of SFT and DPO: a Ray Train worker function; the method's loss and evaluation are hooks.
 
     run_training(method, train, held, ...)     driver: a TorchTrainer over `train_loop`; returns a `TrainResult`
-    train_loop(config)                          each Ray Train worker
+    train_loop(config)                          each Ray Train worker (or, for a sweep trial, the trial's process)
 
 A `Method` (stemqa.train.sft.SFTMethod, stemqa.train.dpo.DPOMethod) says how a micro-batch is scored (`micro`:
 its mean loss, its weight and tokens) and how a validation batch adds up (`eval_sums` / `eval_metrics`), what
@@ -11,6 +11,9 @@ weighted mean over all its micro-batches and ranks, validation with the same num
 (ZeRO-3 gathers parameters in each), checkpoints every `checkpoint_every` steps and resuming from them, the
 per-step history (`history.jsonl`, written by rank 0: loss, tokens, seconds and every rank's sample ids), the
 trackers (rank 0, live), progress lines on the driver, and Tune reports in sweeps.
+
+The loop reaches the run it is part of (rank, reports, checkpoints, storage) through `stemqa.train.session`, never
+`ray.train` directly: a Ray Train worker's, or a sweep trial's that trains in its own process (trial_mode local).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Any, NamedTuple, Optional
 from pydantic import BaseModel
 
 from stemqa.config.schema import TrainConfig, TrainResources
-from stemqa.train import checkpoint, common
+from stemqa.train import checkpoint, common, session
 from stemqa.train.history import HISTORY_FILE, EvalRow, StepRow, TrainHistory
 
 
@@ -40,6 +43,9 @@ class TrainOptions:
 
     hooks: TrainHooks = field(default_factory=TrainHooks)
     callbacks: list = field(default_factory=list)  # Ray Train UserCallbacks (Tune's TuneReportCallback)
+    # Train here, in the calling process (a Tune trial's), not on a Ray Train worker group: one rank on CPU,
+    # reports to Tune, checkpoints where a Train run of the same name keeps them (stemqa.train.session)
+    in_process: bool = False
     tracking: Any = None  # stemqa.tracking.LiveTarget: rank 0 logs each step to the stage's tracker runs
     progress: Any = None  # stemqa.progress.RemoteTask: rank 0 reports step / loss / tokens per second
 
@@ -59,7 +65,8 @@ class Method:
         self.cfg, self.pad_id = cfg, pad_id
 
     def load_model(self, base_path: str, bf16: bool):
-        return common.load_train_model(base_path, self.cfg.lora, bf16, zero_stage=self.cfg.resources.zero_stage)
+        return common.load_train_model(base_path, self.cfg.lora, bf16, packed=self.cfg.packing,
+                                       zero_stage=self.cfg.resources.zero_stage)
 
     def warmup_steps(self, total: int) -> int:
         return 0
@@ -122,7 +129,6 @@ def _new_state() -> dict:
 def train_loop(config: dict) -> None:
     """Ray Train worker: build the engine, resume if a checkpoint exists, train, save the model and history."""
     import ray
-    import ray.train
     import torch
 
     from stemqa.tracking import StepLogger
@@ -201,7 +207,7 @@ def train_loop(config: dict) -> None:
         if at_ckpt:
             checkpoint.report_checkpoint(engine, state, method.report(state))
         elif at_report:
-            ray.train.report(method.report(state))  # every rank reports (Train V2 waits for all)
+            session.current().report(method.report(state))  # every rank reports (Train V2 waits for all)
 
     tracker.close()
     method.save_final(engine, state, config["base_path"], Path(config["model_dir"]))
@@ -239,7 +245,8 @@ class TrainResult(BaseModel):
 
 def run_training(method: Method, train: list[dict], held: list[dict], base_path: str, out_dir: Path,
                  run_name: str, quiet: bool, options: Optional[TrainOptions] = None) -> TrainResult:
-    """Train `method` on `train` (validating on `held`) as a Ray Train run; Ray initialised by the caller.
+    """Train `method` on `train` (validating on `held`) as a Ray Train run (or, with `options.in_process`, in
+    this process: a sweep trial's); Ray initialised by the caller.
 
     Checkpoints go to out_dir/ray/<run_name> (the same out_dir and run_name resume); the model to out_dir/model,
     the history to out_dir/history.jsonl."""
@@ -253,10 +260,17 @@ def run_training(method: Method, train: list[dict], held: list[dict], base_path:
               "model_dir": str(out_dir / "model"), "history_path": str(out_dir / HISTORY_FILE),
               "hooks": options.hooks.model_dump(), "progress": options.progress,
               "tracking": options.tracking.model_dump() if options.tracking else None}
-    trainer = TorchTrainer(train_loop, train_loop_config=config, scaling_config=common.scaling_config(res),
-                           run_config=common.run_config(out_dir, run_name, res, quiet=quiet,
-                                                        callbacks=options.callbacks))
     t_fit = time.perf_counter()
-    metrics = common.fit(trainer)
+    if options.in_process:
+        if res.num_workers != 1 or res.use_gpu:  # the sweep's config check rejects these first
+            raise ValueError(f"training in process runs one CPU rank, not num_workers={res.num_workers}, "
+                             f"use_gpu={res.use_gpu}")
+        # the directory a TorchTrainer's RunConfig(storage_path=out_dir/ray, name=run_name) keeps checkpoints in
+        metrics = session.run_in_trial(train_loop, config, out_dir / "ray" / run_name)
+    else:
+        trainer = TorchTrainer(train_loop, train_loop_config=config, scaling_config=common.scaling_config(res),
+                               run_config=common.run_config(out_dir, run_name, res, quiet=quiet,
+                                                            callbacks=options.callbacks))
+        metrics = common.fit(trainer)
     metrics["fit_s"] = time.perf_counter() - t_fit
     return TrainResult(model_dir=config["model_dir"], history_path=config["history_path"], metrics=metrics)

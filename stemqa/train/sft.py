@@ -57,55 +57,21 @@ ENCODERS = {"mcq": (read_records, encode_mcq), "qa": (load_qa_file, encode_qa)}
 
 
 def collate(samples: list[dict], pad_id: int, packing: bool = False) -> dict:
-    """Unpacked: left-padded prompts + right-padded completions. Packed: `pack`. Loss on completion tokens only."""
+    """Unpacked: left-padded prompts + right-padded completions. Packed: `common.pack`. Loss on completion tokens
+    only."""
     if packing:
-        return pack(samples)
+        return common.pack(samples)
     return common.completion_batch([s["prompt"] for s in samples], [s["completion"] for s in samples], pad_id)
-
-
-def pack(samples: list[dict]) -> dict:
-    """One padding-free row [1, T] with position_ids restarting per sample (`DataCollatorWithFlattening`).
-
-    `logits_index` are the positions whose next token is a completion token, `targets` those tokens and
-    `sample_of` the sample each belongs to: the model computes vocabulary logits at these positions only.
-    """
-    import torch
-    from transformers import DataCollatorWithFlattening
-
-    feats = [{"input_ids": s["prompt"] + s["completion"], "labels": [-100] * len(s["prompt"]) + s["completion"]}
-             for s in samples]
-    flat = DataCollatorWithFlattening(return_tensors="pt")(feats)
-    labels = flat["labels"][0]
-    at = (labels != -100).nonzero().squeeze(-1)  # the position of every completion token (never a row start)
-    sample_of = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor([len(f["input_ids"]) for f in feats]))
-    return {"input_ids": flat["input_ids"], "position_ids": flat["position_ids"], "logits_index": at - 1,
-            "targets": labels[at], "sample_of": sample_of[at]}
-
-
-def packed_token_logps(model, batch: dict):
-    """log p(token) of every completion token of a packed row [K] (attention_mask None: transformers then
-    derives the per-sample block-diagonal mask from the restarting position_ids)."""
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
-    out = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                logits_to_keep=batch["logits_index"].to(device), use_cache=False)
-    return -F.cross_entropy(out.logits[0].float(), batch["targets"].to(device), reduction="none")
 
 
 def completion_loss(model, batch: dict):
     """(mean loss over completion tokens, their count): the prompt is masked by construction."""
     if "targets" in batch:
-        logp = packed_token_logps(model, batch)
+        logp = common.packed_token_logps(model, batch)
         return -logp.mean(), int(logp.numel())
     logp = common.completion_token_logps(model, batch)
     n = batch["completion_mask"].sum()
     return -logp.sum() / n.clamp(min=1), int(n)
-
-
-def batch_tokens(batch: dict) -> int:
-    """Real (non-padding) tokens the forward sees."""
-    return int(batch["input_ids"].numel()) if "targets" in batch else int(batch["attention_mask"].sum())
 
 
 def split_eval(samples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -124,10 +90,6 @@ class SFTMethod(Method):
 
     report_eval_prefix = "eval_"
 
-    def load_model(self, base_path: str, bf16: bool):
-        return common.load_train_model(base_path, self.cfg.lora, bf16, packed=self.cfg.packing,
-                                       zero_stage=self.cfg.resources.zero_stage)
-
     def warmup_steps(self, total: int) -> int:
         return int(self.cfg.warmup_ratio * total)
 
@@ -137,7 +99,7 @@ class SFTMethod(Method):
     def micro(self, engine, samples: list[dict]) -> Micro:
         batch = collate(samples, self.pad_id, self.cfg.packing)
         loss, n = completion_loss(engine, batch)
-        return Micro(loss, float(n), batch_tokens(batch))
+        return Micro(loss, float(n), common.batch_tokens(batch))
 
     def eval_sums(self, engine, samples: list[dict]) -> list[float]:
         loss, n = completion_loss(engine, collate(samples, self.pad_id, self.cfg.packing))

@@ -28,8 +28,9 @@ from stemqa.config.schema import StemqaConfig
 
 SPACE_DIR = Path(__file__).resolve().parent / "spaces"  # package data: found wherever stemqa is installed
 TRIAL_PREFIX = "trial."  # per-trial switches that are not config fields (fault injection)
-TRIAL_KEYS = {"trial.fail_at_step": "rank 0 of the trial's Ray Train run exits at this optimizer step, and the "
-                                    "trial fails (fault injection, to show a crashing trial is recorded)"}
+TRIAL_KEYS = {"trial.fail_at_step": "rank 0 of the trial's Ray Train run (or, trial_mode local, the trial process) "
+                                    "exits at this optimizer step, and the trial fails (fault injection, to show a "
+                                    "crashing trial is recorded)"}
 PAIRED_KEY = "_paired"  # key of the paired entries in the Tune param_space
 
 
@@ -112,6 +113,14 @@ class SweepResources(_Strict):
                               "Train run; 0.1 so trial + Train workers fit on 2 CPUs, see ray-on-small-machines).")
     max_concurrent_trials: int = Field(2, ge=1, description="Trials running at once; with the stage's "
                                        "resources.num_workers x cpus_per_worker each, they must fit the cluster.")
+    trial_mode: Literal["auto", "train", "local"] = Field(
+        "auto", description="How a training trial (sft, dpo) trains. train: a Ray Train run per trial (TorchTrainer: "
+        "controller, placement group, worker processes; ~50 s of start-up and setup a trial on 2 CPUs). local: the "
+        "same training loop in the Tune trial process itself, which then holds the CPUs its one worker would have "
+        "held (trial_cpus + cpus_per_worker); reports go to Tune at every validation and checkpoints where a Train "
+        "run keeps them, so ASHA and resuming work alike; one CPU rank only (num_workers: 1, no GPU, not dpo), "
+        "else rejected at load. auto: local when every trial the space can make trains one worker on CPU (and "
+        "the stage allows it), else train.")
 
 
 class SweepConfig(_Strict):
@@ -236,6 +245,7 @@ class Space:
     sweep: SweepConfig
     base: StemqaConfig
     path: str
+    trial_mode: Literal["train", "local"] = "train"  # sweep.resources.trial_mode resolved at load (`load_space`)
 
     def trial_config(self, params: dict) -> StemqaConfig:
         return apply_values(self.base, split_trial(flat_params(params))[0], f"{self.path} (trial)")
@@ -275,7 +285,8 @@ def _pydantic_errors(err: ValidationError) -> str:
 
 
 def _check_values(base: StemqaConfig, fixed: dict, path: str, values: list, where: str, origin: str,
-                  indexed: bool = True) -> None:
+                  indexed: bool = True, seen: Optional[list] = None) -> None:
+    """Each value's trial config must validate; `seen` gets (YAML path, config) of each."""
     for i, value in enumerate(values):
         at = f"{where}[{i}]" if indexed else where
         if path.startswith(TRIAL_PREFIX):
@@ -283,10 +294,28 @@ def _check_values(base: StemqaConfig, fixed: dict, path: str, values: list, wher
                 raise ConfigError(f"{origin}: {at} = {value!r}: {path} must be a step >= 1 or null")
             continue
         try:
-            apply_values(base, {**fixed, path: value}, origin)
+            cfg = apply_values(base, {**fixed, path: value}, origin)
         except ConfigError as e:
             detail = str(e).split("\n", 1)[-1].strip()
             raise ConfigError(f"{origin}: {at} = {value!r} is not a valid {path}: {detail}") from None
+        if seen is not None:
+            seen.append((f"{at} = {value!r}", cfg))
+
+
+def resolve_trial_mode(stage, sweep: SweepConfig, trial_cfgs: list[tuple[str, StemqaConfig]], origin: str) -> str:
+    """resources.trial_mode as 'train' or 'local' for the whole sweep (one Tune setting, reuse of trial actors,
+    follows from it): `trial_cfgs` are (where, config) of the base config and of every value a trial could get."""
+    wanted = sweep.resources.trial_mode
+    if wanted == "train":
+        return "train"
+    problems = [(where, p) for where, cfg in trial_cfgs for p in [stage.in_process_problem(cfg)] if p]
+    if not problems:
+        return "local"
+    if wanted == "local":
+        where, problem = problems[0]
+        raise ConfigError(f"{origin}: resources.trial_mode: local trains each trial in its own Tune trial process, "
+                          f"one rank on CPU, but {where}: {problem}; use trial_mode: train (or auto)")
+    return "train"
 
 
 def resolve_space_path(source: str) -> Path:
@@ -331,12 +360,13 @@ def load_space(source: str, base: Optional[str] = None, overrides: tuple[str, ..
         base_cfg = apply_values(base_cfg, fixed_cfg, origin)
     except ConfigError as e:
         raise ConfigError(f"{origin}: fixed: {str(e).split(chr(10), 1)[-1].strip()}") from None
+    trial_cfgs = [("the base config with `fixed`", base_cfg)]
     for key, spec in sweep.params.items():
-        _check_values(base_cfg, {}, key, spec.probe_values(), f"params.{key}.{spec.kind}", origin)
+        _check_values(base_cfg, {}, key, spec.probe_values(), f"params.{key}.{spec.kind}", origin, seen=trial_cfgs)
     for i, entry in enumerate(sweep.paired):
         for key, value in entry.items():
             _check_values(base_cfg, {k: v for k, v in entry.items() if k != key and not k.startswith(TRIAL_PREFIX)},
-                          key, [value], f"paired[{i}].{key}", origin, indexed=False)
+                          key, [value], f"paired[{i}].{key}", origin, indexed=False, seen=trial_cfgs)
     overlap = set(sweep.params) & {k for e in sweep.paired for k in e}
     if overlap:
         raise ConfigError(f"{origin}: {sorted(overlap)} both in params and paired; give each path once")
@@ -347,4 +377,5 @@ def load_space(source: str, base: Optional[str] = None, overrides: tuple[str, ..
     uses_fault = any(k.startswith(TRIAL_PREFIX) for k in [*sweep.fixed, *sweep.params, *(k for e in sweep.paired for k in e)])
     if uses_fault and not stage.fault_injection:
         raise ConfigError(f"{origin}: trial.fail_at_step needs a training stage (sft or dpo), not {sweep.stage}")
-    return Space(sweep=sweep, base=base_cfg, path=origin)
+    return Space(sweep=sweep, base=base_cfg, path=origin,
+                 trial_mode=resolve_trial_mode(stage, sweep, trial_cfgs, origin))

@@ -10,14 +10,18 @@ Layout of a sweep directory (`out_dir`):
     events.jsonl       driver-side trial events (start, complete, error) with times
     results.csv, best.yaml, plots/   written by `stemqa.tune.results` when the sweep ends
 
-A trial runs the stage's own `run` (stemqa.stages) inside a Tune *function* trainable; for SFT/DPO that is a Ray
-Train run (TorchTrainer + DeepSpeed) with `TuneReportCallback` forwarding rank 0's reports to Tune (Train V2
-cannot be given to the Tuner directly). The training loop reports the stage's `Report` at each validation
-(`<stage>.eval_every`), which is what ASHA compares. Nothing here knows a stage by name: the stage says what
-its trials report, what they hold and what is prepared once. A trial that raises is recorded as ERROR with its
-error and the others go on; each trial is logged to the configured trackers (Tune's logger callbacks).
-A restarted unfinished trial keeps its id, hence its directory, so its Ray Train run resumes from its last
-checkpoint rather than from step 0.
+A trial runs the stage's own `run` (stemqa.stages) inside a Tune *function* trainable. For SFT/DPO, with
+`resources.trial_mode` train, that is a Ray Train run (TorchTrainer + DeepSpeed) with `TuneReportCallback`
+forwarding rank 0's reports to Tune (Train V2 cannot be given to the Tuner directly); with trial_mode local (auto
+picks it when every trial trains one CPU worker) the same training loop runs in the trial process itself, which
+holds the CPUs that worker would have held, reports to Tune with `ray.tune.report` and keeps its checkpoints
+where the Train run would (stemqa.train.session): no controller, placement group or worker process per trial.
+The training loop reports the stage's `Report` at each validation (`<stage>.eval_every`), which is what ASHA
+compares. Nothing here knows a stage by name: the stage says what its trials report, what they hold, whether
+they may train in process and what is prepared once. A trial that raises is recorded as ERROR with its error and
+the others go on; each trial is logged to the configured trackers (Tune's logger callbacks).
+A restarted unfinished trial keeps its id, hence its directory, so its training (Ray Train run or in process)
+resumes from its last checkpoint rather than from step 0.
 """
 from __future__ import annotations
 
@@ -74,10 +78,10 @@ def prepare_inputs(space: Space, out_dir: Path, args=None) -> dict:
 
 # ---------------------------------------------------------------- the trial
 def run_trial(params: dict, space: Space, inputs: dict) -> None:
-    """Tune function trainable: the stage's own `run` with this trial's config; its Ray Train reports go to Tune
-    as it trains (TuneReportCallback), its final metrics are the trial's last report."""
+    """Tune function trainable: the stage's own `run` with this trial's config; its reports go to Tune as it
+    trains (trial_mode train: a Ray Train run whose TuneReportCallback forwards them; local: the training loop
+    runs here and reports to Tune itself, stemqa.train.session), its final metrics are the trial's last report."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from stemqa.data.paths import data_root
 
@@ -91,8 +95,15 @@ def run_trial(params: dict, space: Space, inputs: dict) -> None:
     hooks = TrainHooks(fail_at_step=switches.get("fail_at_step"), report_evals=True)
     stage = sweepable_stage(space.sweep.stage)
     cfg = stage.trial_config(space.trial_config(params), hooks, space.sweep.resources.trial_cpus)
-    _let_train_clean_up_stopped_runs()
-    ctx = StageContext(cfg, trial_dir, data_root(cfg.data.root), hooks=hooks, callbacks=[TuneReportCallback()])
+    local = space.trial_mode == "local"
+    callbacks = []
+    if not local:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        _let_train_clean_up_stopped_runs()
+        callbacks = [TuneReportCallback()]
+    ctx = StageContext(cfg, trial_dir, data_root(cfg.data.root), hooks=hooks, callbacks=callbacks,
+                       train_in_process=local)
     result = stage.run(ctx, stage.Inputs.model_validate(inputs["inputs"]))
     summary = {k: v for k, v in result.metrics.items() if not isinstance(v, (dict, list))}
     summary.update(trial_done=True, trial_wall_s=time.time() - t0, step=summary.get("steps", 1))
@@ -168,8 +179,10 @@ class EventLog(Callback):
 
 def trial_cpus(space: Space) -> tuple[float, float]:
     """(CPUs the trial process holds, CPUs its Ray workers or tasks ask for): a sliver for the trial, which only
-    waits on its stage's Train workers (sft, dpo) or Ray tasks (quant)."""
-    return sweepable_stage(space.sweep.stage).trial_cpus(space.base, space.sweep.resources.trial_cpus)
+    waits on its stage's Train workers (sft, dpo) or Ray tasks (quant). trial_mode local: the trial process does
+    its worker's work, so it holds both (the same CPUs a trial takes either way, hence the same concurrency)."""
+    own, workers = sweepable_stage(space.sweep.stage).trial_cpus(space.base, space.sweep.resources.trial_cpus)
+    return (own + workers, 0.0) if space.trial_mode == "local" else (own, workers)
 
 
 def check_fits(space: Space) -> None:
@@ -211,8 +224,12 @@ def build_tuner(space: Space, out_dir: Path, inputs: dict, verbose: int = 1):
         # (measured: without it all trials started at once and waited on each other's Train workers).
         search_alg=BasicVariantGenerator(random_state=sw.seed, max_concurrent=sw.resources.max_concurrent_trials),
         time_budget_s=sw.time_budget_s,
-        # a fresh trial actor each time: a stopped trial's actor dies with its nested Ray Train run
-        reuse_actors=False, trial_dirname_creator=lambda t: t.trial_id,
+        # train: a fresh trial actor each time, as a stopped trial's actor dies with its nested Ray Train run.
+        # local: trial actors are reused, so torch, transformers and DeepSpeed are imported (and DeepSpeed's
+        # process group made) once per actor rather than once per trial. A trial ASHA stops leaves its actor at
+        # a report (its thread exits there, see stemqa.train.session), so the next trial starts clean; an actor
+        # whose trial crashed is replaced.
+        reuse_actors=space.trial_mode == "local", trial_dirname_creator=lambda t: t.trial_id,
     )
     out_dir = Path(out_dir).resolve()
     # one tracker run per trial (MLflow beside the sweep directory, as a pipeline run's are beside the run)
@@ -258,6 +275,9 @@ def run_sweep(space: Space, out_dir: Path, args=None, verbose: int = 1) -> dict:
                               "use a new output directory")
         inputs = json.loads((out_dir / "inputs.json").read_text())
         check_fits(space)
+        # Tuner.restore brings the trackers' Tune callbacks back pickled, without the environment that making them
+        # set (an MLflow file store refuses to open without MLFLOW_ALLOW_FILE_STORE): made again for that alone
+        tune_callbacks(space.base.tracking, str(out_dir.parent))
         tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(space, inputs), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         resumed = True
