@@ -99,6 +99,16 @@ def bench_set(name: str, vectors: np.ndarray, queries: np.ndarray, kinds, ivf_tr
     return rows
 
 
+def synthetic_set(n: int, dim: int, n_queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n` random unit vectors (float32) and `n_queries` other random unit vectors, from one seeded generator."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = rng.standard_normal((n_queries, dim), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return vectors, queries
+
+
 def demo_queries(root: Path, n: int) -> list[str]:
     from stemqa.data.mcq import load_file
 
@@ -185,11 +195,7 @@ def main(argv=None) -> int:
     else:
         print(f"{index_dir}: no demo index (run benchmarks/bench_rag.py accuracy first); synthetic only", flush=True)
     if args.synthetic:
-        rng = np.random.default_rng(0)
-        synth = rng.standard_normal((args.synthetic, args.dim), dtype=np.float32)
-        synth /= np.linalg.norm(synth, axis=1, keepdims=True)
-        queries = rng.standard_normal((args.queries, args.dim), dtype=np.float32)
-        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        synth, queries = synthetic_set(args.synthetic, args.dim, args.queries)
         rows += bench_set("synthetic", synth, queries, args.kinds, args.ivf_train, args.hnsw_n, args.ivf_nlist)
     result["rows"] = rows
     OUT.mkdir(parents=True, exist_ok=True)

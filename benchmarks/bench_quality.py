@@ -74,6 +74,13 @@ def runs() -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
+def trained(tag: str, kind: str) -> bool:
+    """A finished training run of `tag`: recorded in runs.jsonl once `stemqa` returned. Not the model directory
+    alone: DPO writes its best model so far at each validation, so a crashed run leaves one behind."""
+    return (OUT / "models" / tag / "model" / "config.json").exists() and \
+        any(r.get("tag") == tag and r.get("kind") == kind for r in runs())
+
+
 def study_config(overrides=()):
     from stemqa.config import load_config
 
@@ -260,7 +267,7 @@ def cmd_sft(a) -> None:
                  f"sft.resources.cpus_per_worker={a.train_cpus}"]
     if a.steps:
         overrides.append(f"sft.max_steps={a.steps}")
-    if not (out / "model" / "config.json").exists():
+    if not trained(a.tag, "sft"):
         train = training_pool(a.pool, a.limit)
         l0 = load()
         log(f"sft {a.tag}: {train.name}, {' '.join(overrides)}")
@@ -297,7 +304,7 @@ def cmd_dpo(a) -> None:
         overrides.append(f"dpo.max_steps={a.steps}")
     if a.pairs_n:
         overrides.append(f"dpo.split_sizes=[{a.pairs_n},{max(a.pairs_n // 20, 100)},{max(a.pairs_n // 20, 100)}]")
-    if not (out / "model" / "config.json").exists():
+    if not trained(a.tag, "dpo"):
         cfg = study_config(overrides)
         sources = [s for name in a.pairs.split(",") for s in PAIR_SOURCES[name](cfg)]
         pairs_dir = out / "pairs"

@@ -1,6 +1,6 @@
 """Per-trial overhead of a Ray Tune sweep whose trials are Ray Train runs, and what lowers it.
 
-    python benchmarks/bench_tune.py [--trials 4] [--steps 6]
+    python benchmarks/bench_tune.py [--trials 4] [--steps 6] [--settings stemqa,local]
 
 Runs the same FIFO sweep of tiny-qwen3 SFT trials (one Train worker at 0.9 CPU, 2 trials at a time, a report
 every step) under each setting below, each in a fresh private Ray instance (a subprocess), and splits every
@@ -15,8 +15,11 @@ completed trial's time, from the trial's own clocks:
   `ray.train.report` that waits for the controller's poll)
 - train: the optimizer steps themselves
 
-Settings: `ray-default` = Ray's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s, also the report poll), `stemqa` = 0.2 s
-(stemqa.ray_utils.WORKER_ENV). Prints a table and rewrites its section of BENCHMARKS.md.
+Settings: `ray-default` = a Ray Train run per trial (trial_mode: train) with Ray's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+(2 s, also the report poll); `stemqa` = the same with 0.2 s (stemqa.ray_utils.WORKER_ENV); `local` = trial_mode:
+local, the training loop in the Tune trial process itself (no controller, placement group or worker process; trial
+actors reused), where "Train start/stop" is what `run_training` spends outside the loop. Prints a table and
+rewrites its section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Ray Tune sweeps: per-trial overhead"
-SETTINGS = {"ray-default": "2.0", "stemqa": "0.2"}
+SETTINGS = {"ray-default": ("2.0", "train"), "stemqa": ("0.2", "train"), "local": ("0.2", "local")}  # poll s, mode
 PARTS = ["actor_start_s", "before_fit_s", "train_start_stop_s", "worker_setup_s", "report_eval_s", "train_s"]
 
 SPACE = """stage: sft
@@ -51,12 +54,13 @@ fixed:
 params:
   sft.lr: {{grid: {lrs}}}
 scheduler: {{type: fifo}}
-resources: {{trial_cpus: 0.1, max_concurrent_trials: 2}}
+resources: {{trial_cpus: 0.1, max_concurrent_trials: 2, trial_mode: {mode}}}
 """
 
 
-def one_setting(interval: str, trials: int, steps: int, out: Path) -> dict:
-    """Run the sweep in this process (a fresh Ray instance with the given poll interval); per-trial parts."""
+def one_setting(interval: str, mode: str, trials: int, steps: int, out: Path) -> dict:
+    """Run the sweep in this process (a fresh Ray instance with the given poll interval, trials in `mode`);
+    per-trial parts."""
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = interval
     os.environ["STEMQA_CLUSTER_DIR"] = str(out / "no-cluster")  # a private instance, not a running cluster
     from stemqa import ray_utils
@@ -67,7 +71,7 @@ def one_setting(interval: str, trials: int, steps: int, out: Path) -> dict:
     from stemqa.tune.sweep import run_sweep
 
     lrs = [1e-3 * (i + 1) for i in range(trials)]
-    (out / "space.yaml").write_text(SPACE.format(steps=steps, lrs=json.dumps(lrs)))
+    (out / "space.yaml").write_text(SPACE.format(steps=steps, lrs=json.dumps(lrs), mode=mode))
     t0 = time.time()
     load0 = os.getloadavg()[0]
     summary = run_sweep(load_space(str(out / "space.yaml")), out / "sweep")
@@ -93,64 +97,71 @@ def one_setting(interval: str, trials: int, steps: int, out: Path) -> dict:
             "worker_setup_s": m["worker_setup_s"], "train_s": m["train_s"],
             "report_eval_s": worker_total - m["worker_setup_s"] - m["train_s"],
         })
-    return {"interval": interval, "wall_s": wall, "load_before": load0, "load_after": os.getloadavg()[0],
-            "trials": rows, "steps": steps}
+    return {"interval": interval, "mode": mode, "wall_s": wall, "load_before": load0,
+            "load_after": os.getloadavg()[0], "trials": rows, "steps": steps}
 
 
 def median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows) if rows else float("nan")
 
 
-def render(results: dict, trials: int, steps: int) -> str:
-    head = ("| setting | poll s | trials done | sweep wall s | trial total s | actor start | before fit | "
-            "Train start/stop | worker setup | report/eval | train steps | overhead share | load avg |")
+GOAL_S = 5.0  # issue 22: at most 5 s of overhead per trial on this machine
+
+
+def render(results: dict, trials: int, steps: int, settings: str) -> str:
+    head = ("| setting | trial mode | poll s | trials done | sweep wall s | trial total s | actor start | before fit | "
+            "Train start/stop | worker setup | report/eval | train steps | overhead s | overhead share | load avg |")
     lines = [SECTION, "",
-             f"Command: `python benchmarks/bench_tune.py --trials {trials} --steps {steps}` "
+             f"Command: `python benchmarks/bench_tune.py --trials {trials} --steps {steps} --settings {settings}` "
              f"({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, shared machine).", "",
              f"FIFO sweep of {trials} tiny-qwen3 SFT trials, {steps} optimizer steps each with an eval + report "
-             "every step; one Train worker (0.9 CPU) per trial, 2 trials at a time; each setting in a fresh "
-             "private Ray instance. Medians over completed trials, in seconds. Overhead share = "
-             "1 - train steps / trial total. Load average (1 min) before/after: other jobs share these 2 CPUs, "
-             "so compare settings within one run.", "", head, "|" + "---|" * 13]
+             "every step; one worker's CPUs (0.1 + 0.9) per trial, 2 trials at a time; trial mode train = a Ray "
+             "Train run (TorchTrainer, one worker) per trial, local = the training loop in the Tune trial process "
+             "(actors reused); each setting in a fresh private Ray instance. Medians over completed trials, in "
+             "seconds. Overhead = trial total - train steps; share = overhead / trial total. Load average (1 min) "
+             "before/after: other jobs share these 2 CPUs, so compare settings within one run.", "", head,
+             "|" + "---|" * 15]
     for name, r in results.items():
         rows = r["trials"]
         total = median(rows, "total_s")
+        overhead = median([{"o": t["total_s"] - t["train_s"]} for t in rows], "o")
         lines.append(
-            f"| {name} | {r['interval']} | {len(rows)} | {r['wall_s']:.0f} | {total:.1f} | "
+            f"| {name} | {r.get('mode', 'train')} | {r['interval']} | {len(rows)} | {r['wall_s']:.0f} | {total:.1f} | "
             + " | ".join(f"{median(rows, k):.1f}" for k in PARTS)
-            + f" | {1 - median(rows, 'train_s') / total:.0%} | {r['load_before']:.1f}/{r['load_after']:.1f} |")
+            + f" | {overhead:.1f} | {1 - median(rows, 'train_s') / total:.0%} | "
+            f"{r['load_before']:.1f}/{r['load_after']:.1f} |")
+    over = {name: median([{"o": t["total_s"] - t["train_s"]} for t in r["trials"]], "o")
+            for name, r in results.items() if r["trials"]}
+    best = min(over, key=over.get)
+    lines += ["", f"Goal (issue 22), at most {GOAL_S:.0f} s of overhead per trial: {best} has the least, "
+              f"{over[best]:.1f} s per trial (median), so the goal is {'met' if over[best] <= GOAL_S else 'not met'}."]
+    lines += [f"Against {name}: {over[name]:.1f} s per trial, {over[name] / over[best]:.1f}x {best}'s overhead; the "
+              f"sweep's wall time {results[name]['wall_s']:.0f} s vs {results[best]['wall_s']:.0f} s "
+              f"({results[name]['wall_s'] / results[best]['wall_s']:.1f}x)." for name in over if name != best]
     return "\n".join(lines) + "\n"
-
-
-def update_benchmarks_md(section: str) -> None:
-    path = ROOT / "benchmarks" / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        tail = text[nxt + 1:] if nxt != -1 else ""
-        # keep hand-written findings (a paragraph starting 'Finding') that follow the table
-        text = text[:start] + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help=f"comma-separated settings to run, in order (default: all: {','.join(SETTINGS)})")
     p.add_argument("--only", choices=sorted(SETTINGS), default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = p.parse_args()
     if args.only:  # child: one setting in its own Ray instance
         with tempfile.TemporaryDirectory(prefix="bench-tune-") as d:
-            res = one_setting(SETTINGS[args.only], args.trials, args.steps, Path(d))
+            res = one_setting(*SETTINGS[args.only], args.trials, args.steps, Path(d))
         Path(args.json).write_text(json.dumps(res))
         return 0
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown or not names:
+        p.error(f"--settings: unknown {unknown or 'none given'} (known: {', '.join(SETTINGS)})")
     results = {}
-    for name in SETTINGS:
+    for name in names:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             out = f.name
         cmd = [sys.executable, __file__, "--only", name, "--trials", str(args.trials), "--steps", str(args.steps),
@@ -162,10 +173,13 @@ def main() -> int:
         results[name] = json.loads(Path(out).read_text())
         os.unlink(out)
         print(f"{name}: {len(results[name]['trials'])} trials in {results[name]['wall_s']:.0f} s", flush=True)
-    section = render(results, args.trials, args.steps)
+    section = render(results, args.trials, args.steps, ",".join(names))
     print(section)
     if not args.no_write:
-        update_benchmarks_md(section)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from mdsection import replace_section
+
+        replace_section(SECTION, section)
     return 0
 
 
