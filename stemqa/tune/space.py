@@ -115,7 +115,7 @@ class SweepResources(_Strict):
                                        "resources.num_workers x cpus_per_worker each, they must fit the cluster.")
     trial_mode: Literal["auto", "train", "local"] = Field(
         "auto", description="How a training trial (sft, dpo) trains. train: a Ray Train run per trial (TorchTrainer: "
-        "controller, placement group, worker processes; ~50 s of start-up and setup a trial on 2 CPUs). local: the "
+        "controller, placement group, worker processes; 27 s of overhead a tiny trial on 2 CPUs, BENCHMARKS.md). local: the "
         "same training loop in the Tune trial process itself, which then holds the CPUs its one worker would have "
         "held (trial_cpus + cpus_per_worker); reports go to Tune at every validation and checkpoints where a Train "
         "run keeps them, so ASHA and resuming work alike; one CPU rank only (num_workers: 1, no GPU, not dpo), "
