@@ -335,7 +335,7 @@ def bare_sft(samples: list[dict], steps: int, packing: bool) -> dict:
 
     from stemqa.models import load_tokenizer, resolve_model
     from stemqa.train.common import linear_schedule, load_train_model, step_weight
-    from stemqa.train.common import batch_tokens
+    from stemqa.train.batches import batch_tokens
     from stemqa.train.sft import collate, completion_loss
 
     torch.set_num_threads(2)

@@ -18,7 +18,8 @@ from stemqa.tracking import TrackingConfig, log_stage, open_stage
 from stemqa.data.qa import QA, QAFormatError, load_qa_file, write_qa
 from stemqa.config.schema import TrainResources
 from stemqa.train import checkpoint, common, session
-from stemqa.train.common import pack, packed_token_logps, tcmalloc_soname
+from stemqa.train.batches import pack, packed_token_logps
+from stemqa.train.common import tcmalloc_soname
 from stemqa.train.loop import TrainHooks, TrainOptions
 from stemqa.train.sft import collate, completion_loss, encode_mcq, encode_qa, prepare_samples, run_sft
 

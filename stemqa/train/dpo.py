@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from stemqa.config.schema import DPOConfig, StemqaConfig
 from stemqa.data.preference import SPLITS, Pair, read_pairs
-from stemqa.train import checkpoint, common
+from stemqa.train import batches, checkpoint, common
 from stemqa.train.loop import Method, Micro, TrainOptions, TrainResult, run_training
 from stemqa.train.losses import dpo_loss, prefers_chosen
 
@@ -41,12 +41,12 @@ def encode_pair(tok, pair: Pair, max_len: int) -> dict:
 
 
 def collate_pairs(samples: list[dict], pad_id: int, packing: bool = False) -> dict:
-    """Chosen sequences first, then rejected (as TRL). Unpacked: completions aligned (`common.completion_batch`);
-    packed: all 2 x len(samples) sequences in one padding-free row (`common.pack`, `dpo.packing`)."""
+    """Chosen sequences first, then rejected (as TRL). Unpacked: completions aligned (`batches.completion_batch`);
+    packed: all 2 x len(samples) sequences in one padding-free row (`batches.pack`, `dpo.packing`)."""
     seqs = [(s["prompt"], s[k]) for k in ("chosen", "rejected") for s in samples]
     if packing:
-        return {**common.pack([{"prompt": p, "completion": c} for p, c in seqs]), "sequences": len(seqs)}
-    return common.completion_batch([p for p, _ in seqs], [c for _, c in seqs], pad_id)
+        return {**batches.pack([{"prompt": p, "completion": c} for p, c in seqs]), "sequences": len(seqs)}
+    return batches.completion_batch([p for p, _ in seqs], [c for _, c in seqs], pad_id)
 
 
 def sequence_logps(model, batch: dict):
@@ -54,12 +54,12 @@ def sequence_logps(model, batch: dict):
     import torch
 
     if "targets" in batch:  # packed: per-token log-probs of the whole row, summed per sequence
-        tok = common.packed_token_logps(model, batch)
+        tok = batches.packed_token_logps(model, batch)
         seq = batch["sample_of"].to(tok.device)
         logps = torch.zeros(batch["sequences"], dtype=tok.dtype, device=tok.device).index_add(0, seq, tok)
         lens = torch.bincount(seq, minlength=batch["sequences"])
     else:
-        logps = common.completion_token_logps(model, batch).sum(-1)
+        logps = batches.completion_token_logps(model, batch).sum(-1)
         lens = batch["completion_mask"].sum(-1).to(logps.device)
     n = logps.shape[0] // 2
     return logps[:n], logps[n:], lens[:n], lens[n:]
@@ -161,7 +161,7 @@ def pair_losses(engine, samples: list[dict], dpo: DPOConfig, pad_id: int) -> dic
     ref_c = torch.tensor([s["ref_chosen"] for s in samples], dtype=chosen.dtype, device=chosen.device)
     ref_r = torch.tensor([s["ref_rejected"] for s in samples], dtype=chosen.dtype, device=chosen.device)
     out = dpo_loss(dpo.loss, chosen, rejected, ref_c, ref_r, dpo.beta, dpo.label_smoothing, c_len, r_len)
-    out["tokens"] = common.batch_tokens(batch)
+    out["tokens"] = batches.batch_tokens(batch)
     return out
 
 

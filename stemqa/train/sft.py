@@ -2,7 +2,7 @@
 
 Each MCQ becomes `harness_prompt(q)` + ` <letter>` + eos, each open-ended record (`sft.data: qa`)
 `Question: ..\nAnswer:` + ` <answer>` + eos; the loss is on the completion tokens only (only
-their logits are computed, see `common.completion_batch`). The driver tokenizes once and puts the samples in
+their logits are computed, see `batches.completion_batch`). The driver tokenizes once and puts the samples in
 the object store; the one training loop (`stemqa.train.loop`) runs `SFTMethod`'s loss on the micro-batches of
 `common.Schedule`, so the order survives a resume. The result is a plain HF directory at `out_dir/model` that
 `stemqa.models.load_causal_lm` loads, and the per-step history at `out_dir/history.jsonl`.
@@ -26,7 +26,7 @@ from stemqa.config.schema import StemqaConfig
 from stemqa.data.mcq import MCQ, read_records
 from stemqa.data.prompt import harness_prompt, target
 from stemqa.data.qa import QA, load_qa_file, qa_prompt, qa_target
-from stemqa.train import common
+from stemqa.train import batches
 from stemqa.train.loop import Method, Micro, TrainOptions, TrainResult, run_training
 
 def encode_mcq(tok, q: MCQ, max_seq_len: int) -> dict:
@@ -57,19 +57,19 @@ ENCODERS = {"mcq": (read_records, encode_mcq), "qa": (load_qa_file, encode_qa)}
 
 
 def collate(samples: list[dict], pad_id: int, packing: bool = False) -> dict:
-    """Unpacked: left-padded prompts + right-padded completions. Packed: `common.pack`. Loss on completion tokens
+    """Unpacked: left-padded prompts + right-padded completions. Packed: `batches.pack`. Loss on completion tokens
     only."""
     if packing:
-        return common.pack(samples)
-    return common.completion_batch([s["prompt"] for s in samples], [s["completion"] for s in samples], pad_id)
+        return batches.pack(samples)
+    return batches.completion_batch([s["prompt"] for s in samples], [s["completion"] for s in samples], pad_id)
 
 
 def completion_loss(model, batch: dict):
     """(mean loss over completion tokens, their count): the prompt is masked by construction."""
     if "targets" in batch:
-        logp = common.packed_token_logps(model, batch)
+        logp = batches.packed_token_logps(model, batch)
         return -logp.mean(), int(logp.numel())
-    logp = common.completion_token_logps(model, batch)
+    logp = batches.completion_token_logps(model, batch)
     n = batch["completion_mask"].sum()
     return -logp.sum() / n.clamp(min=1), int(n)
 
@@ -99,7 +99,7 @@ class SFTMethod(Method):
     def micro(self, engine, samples: list[dict]) -> Micro:
         batch = collate(samples, self.pad_id, self.cfg.packing)
         loss, n = completion_loss(engine, batch)
-        return Micro(loss, float(n), common.batch_tokens(batch))
+        return Micro(loss, float(n), batches.batch_tokens(batch))
 
     def eval_sums(self, engine, samples: list[dict]) -> list[float]:
         loss, n = completion_loss(engine, collate(samples, self.pad_id, self.cfg.packing))
