@@ -91,11 +91,11 @@ def write_lmeval_arc_task(records: Sequence[MCQ], task_dir: Path, name: str = "s
     return name
 
 
-def load_lmeval_model(model_dir: str, batch_size: int = 8):
-    """lm-eval's own `hf` model (HFLM), float32 on CPU, to time scoring apart from loading."""
+def load_lmeval_model(model_dir: str, batch_size: int = 8, dtype: str = "float32"):
+    """lm-eval's own `hf` model (HFLM) on CPU, to time scoring apart from loading."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=batch_size)
+    return HFLM(pretrained=str(model_dir), dtype=dtype, device="cpu", batch_size=batch_size)
 
 
 def _arguments(sample: dict) -> list[tuple[str, str]]:
