@@ -249,7 +249,9 @@ def tables(stage: str, res: dict) -> list[str]:
 WHAT = {
     "embed": lambda s: f"all-MiniLM-L6-v2, batch {EMBED['batch_size']}; Ray Data: {EMBED['actors']} actors x "
                        f"{EMBED['cpus_per_actor']} CPU on a private local Ray; each measurement in its own process.",
-    "faiss": lambda s: f"random 384-d unit vectors; one top-5 query at a time, {s['queries']} queries after 10 warm-up.",
+    "faiss": lambda s: f"random 384-d unit vectors; one top-5 query at a time, {s['queries']} queries after 10 warm-up. "
+                       "Random vectors have no cluster structure, so ivf's recall here is its worst case, a measure of "
+                       "time only; recall on real embeddings is in the FAISS index section.",
     "eval": lambda s: f"{MODEL}, {s['questions']}, 0-shot, letter scoring, batch {s['batch_size']}, 1 process x "
                       f"{s['threads']} threads.",
     "sft": lambda s: f"`stemqa sft --config study` with {' '.join(s['sets'])}.",
