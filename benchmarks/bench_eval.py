@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--shots", default="0,5", help="comma list of k-shot counts, one set of rows each")
     p.add_argument("--procs", type=int, default=2, help="processes x 1 thread for both sides' multi-process rows (0: none)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    p.add_argument("--bf16", action="store_true", help="add ours in bfloat16 (a lever; not used for the goal)")
+    p.add_argument("--bf16", action="store_true", help="add lm-eval and ours in bfloat16 (a lever; not used for the goal)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
 
@@ -185,23 +185,24 @@ def main(argv=None) -> int:
     rows = []
     for k in [int(x) for x in args.shots.split(",")]:
         dev = mmlu_dev(Path(args.data), k)
-        with tempfile.TemporaryDirectory() as tmp:
-            prepared = prepare_lmeval(records, Path(tmp), fewshot=dev, num_fewshot=k)
-            c0 = time.process_time()
-            theirs = run_lmeval(model_dir, records, Path(tmp), batch_size=args.batch_size, lm=lm, fewshot=dev,
-                                num_fewshot=k, prepared=prepared)
-            theirs_cpu = time.process_time() - c0
+
+        def lmeval_in_process(model) -> tuple[dict, float]:
+            """lm-eval on all records in this process: its result and the CPU seconds of the call."""
+            with tempfile.TemporaryDirectory() as tmp:
+                prepared = prepare_lmeval(records, Path(tmp), fewshot=dev, num_fewshot=k)
+                c0 = time.process_time()
+                out = run_lmeval(model_dir, records, Path(tmp), batch_size=args.batch_size, lm=model, fewshot=dev,
+                                 num_fewshot=k, prepared=prepared)
+                return out, time.process_time() - c0
+
+        theirs, theirs_cpu = lmeval_in_process(lm)
         one = f"1 process x {threads} threads"
         rows_k = [{"shots": k, "side": "lm-eval", "setting": one, "s": theirs["time_s"], "cpu_s": theirs_cpu,
                           **compare(theirs, theirs)}]
         if lm_bf16 is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                prepared = prepare_lmeval(records, Path(tmp), fewshot=dev, num_fewshot=k)
-                c0 = time.process_time()
-                got = run_lmeval(model_dir, records, Path(tmp), batch_size=args.batch_size, lm=lm_bf16, fewshot=dev,
-                                 num_fewshot=k, prepared=prepared)
-            rows_k.append({"shots": k, "side": "lm-eval bf16", "setting": one, "s": got["time_s"],
-                           "cpu_s": time.process_time() - c0, **compare(got, theirs)})
+            got, cpu = lmeval_in_process(lm_bf16)
+            rows_k.append({"shots": k, "side": "lm-eval bf16", "setting": one, "s": got["time_s"], "cpu_s": cpu,
+                           **compare(got, theirs)})
         # CPU seconds (process_time) beside wall: on a shared machine wall time partly measures the neighbours
         for side, sc in (("ours", scorer), ("ours bf16", scorer_bf16)):
             if sc is None:
