@@ -25,7 +25,7 @@ For every series: t = a * n^b fitted by least squares on log t vs log n; 2^b is 
 time and a * (10 n_max)^b the prediction for ten times the largest size. With fixed start-up costs in the time, b
 comes out below the steady-state exponent at small n. Load averages are recorded around each stage: the machine
 is shared, so wall times are only as steady as its load. Prints a JSON summary; unless --no-write, rewrites the
-"Scale: how cost grows" section of the markdown file from this run's numbers only.
+blocks of the measured stages in the "Scale: how cost grows" section (the other stages' blocks stay).
 """
 from __future__ import annotations
 
@@ -258,18 +258,36 @@ WHAT = {
 }
 
 
-def write_markdown(summary: dict, path: Path) -> None:
-    from mdsection import replace_section
+def stage_block(stage: str, res: dict, summary: dict) -> str:
+    lines = [f"### {stage} ({res['stage_s']:.0f} s in all; load avg {res['load'][0]} before, {res['load'][1]} after)",
+             "", f"Command: `{summary['command']}` ({summary['date']}, {summary['machine']}).", "",
+             WHAT[stage](res), "", *tables(stage, res), ""]
+    lines += [f"- {fit_line(k, f)}" for k, f in res["fits"].items()] + [f"- {x}" for x in res["notes"]]
+    return "\n".join(lines).strip("\n")
 
-    lines = [SECTION, "", f"Command: `{summary['command']}` ({summary['date']}, {summary['machine']}).", "",
-             "How each stage's time grows with its work; t = a * n^b fitted by least squares on log-log over the "
-             "measured sizes (see benchmarks/bench_scale.py for what each stage runs). Every sentence below is "
-             "computed from this run's numbers."]
-    for stage, res in summary["stages"].items():
-        lines += ["", f"### {stage} ({res['stage_s']:.0f} s in all; load avg {res['load'][0]} before, "
-                  f"{res['load'][1]} after)", "",
-                  WHAT[stage](res), "", *tables(stage, res), ""]
-        lines += [f"- {fit_line(k, f)}" for k, f in res["fits"].items()] + [f"- {x}" for x in res["notes"]]
+
+def stage_blocks(section_text: str) -> dict[str, str]:
+    """The `### <stage> ...` blocks of an existing Scale section, by stage name."""
+    blocks = {}
+    for chunk in ("\n" + section_text).split("\n### ")[1:]:
+        name = chunk.split(" ", 1)[0].split("\n", 1)[0]
+        if name in STAGES:
+            blocks[name] = ("### " + chunk).strip("\n")
+    return blocks
+
+
+def write_markdown(summary: dict, path: Path) -> None:
+    """Replace the blocks of the stages this run measured; the other stages' blocks (each with its own command and
+    date) stay as an earlier run wrote them, so one stage can be re-measured alone."""
+    from mdsection import replace_section, section_text
+
+    blocks = stage_blocks(section_text(SECTION, path))
+    blocks.update({stage: stage_block(stage, res, summary) for stage, res in summary["stages"].items()})
+    lines = [SECTION, "", "How each stage's time grows with its work; t = a * n^b fitted by least squares on log-log "
+             "over the measured sizes (see benchmarks/bench_scale.py for what each stage runs). Each stage's block "
+             "gives the command and date that measured it; every sentence in a block is computed from that run's "
+             "numbers."]
+    lines += ["\n" + blocks[stage] for stage in STAGES if stage in blocks]
     replace_section(SECTION, "\n".join(lines) + "\n", path)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from stemqa.config import StemqaConfig, load_config
+from stemqa.config.load import available_presets
 from stemqa.ray_utils import init_ray
 from stemqa.runs import Run
 
@@ -20,7 +21,7 @@ from stemqa.runs import Run
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", "--preset", dest="config", default="demo",
-                   help="preset name (demo, qwen3-0.6b) or YAML config file (default: demo)")
+                   help=f"preset name ({', '.join(available_presets())}) or YAML config file (default: demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a config field, e.g. --set sft.lr=1e-4 (repeatable)")
     p.add_argument("--address", default=None, help="Ray address (default: the local cluster if running, else local Ray)")
