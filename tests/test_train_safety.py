@@ -194,3 +194,16 @@ def test_stale_jit_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypat
     old = time.time() - STALE_LOCK_S - 60
     os.utime(lock, (old, old))
     assert clear_stale_build_lock("some_op") is True and not lock.exists()
+
+
+def test_a_train_worker_that_fits_no_node_is_warned_about(caplog):
+    # the study preset's 1.8-CPU worker on cluster/local.sh's two 1-CPU nodes: Ray would keep it pending silently
+    nodes = [{"Alive": True, "Resources": {"CPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 4.0}}]
+    with caplog.at_level("WARNING"):
+        assert common.warn_if_no_node_fits(nodes, 1.8) is False
+    assert "1.8 CPUs" in caplog.text and "the largest has 1.0" in caplog.text
+    caplog.clear()
+    assert common.warn_if_no_node_fits(nodes, 1.0) is True
+    assert common.warn_if_no_node_fits(nodes + [{"Alive": True, "Resources": {"CPU": 2.0}}], 1.8) is True
+    assert caplog.text == ""

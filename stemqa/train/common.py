@@ -23,10 +23,27 @@ from stemqa.config.schema import LoraConfig, TrainResources
 
 # ---------------------------------------------------------------- driver side: Ray Train settings
 def scaling_config(res: TrainResources):
+    import ray
     from ray.train import ScalingConfig
 
+    if ray.is_initialized() and not res.use_gpu:
+        warn_if_no_node_fits(ray.nodes(), res.cpus_per_worker)
     return ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                          resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})})
+
+
+def warn_if_no_node_fits(nodes: list[dict], cpus_per_worker: float) -> bool:
+    """Warn (and return False) when no alive node of the cluster has cpus_per_worker CPUs: Ray then keeps the train
+    workers pending without a word (e.g. the study preset's 1.8-CPU worker on the 1-CPU nodes of cluster/local.sh).
+    A warning, not an error: an autoscaler may still add a node that fits."""
+    fits = any(n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= cpus_per_worker for n in nodes)
+    if not fits:
+        largest = max((n.get("Resources", {}).get("CPU", 0) for n in nodes if n.get("Alive")), default=0)
+        logging.getLogger(__name__).warning(
+            "no node of this Ray cluster has %s CPUs for a train worker (the largest has %s): the workers will wait "
+            "until one joins; lower resources.cpus_per_worker or use a cluster whose nodes fit it", cpus_per_worker,
+            largest)
+    return fits
 
 
 TCMALLOC = "tcmalloc_minimal"  # gperftools' tcmalloc without the heap profiler (libtcmalloc-minimal4)
