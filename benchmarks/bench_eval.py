@@ -17,6 +17,9 @@ Rows per shot count, all in this one run (speed-ups against the faster lm-eval r
 - with --bf16, lm-eval and ours again in bfloat16 (lm-eval in 1 process; ours in 1 and --procs processes): the
   next 0-shot lever, the CPU's bf16 matmuls, set against lm-eval given the same lever; its rows show how many
   predictions stay the same as lm-eval's float32, and the goal is judged on the float32 rows only.
+Ceiling: the FLOPs no evaluator can skip (each prompt token once, each subject's shared prefix once) over the
+best float32 rate of the model's own linear layers on this machine, measured in the same run: how far past
+lm-eval any float32 evaluator could get.
 Agreement: the share of questions with the same predicted letter, and the largest absolute difference of any
 option's log-likelihood between ours and lm-eval's. Writes its section of BENCHMARKS.md from this run's numbers.
 """
@@ -141,6 +144,60 @@ def timed_procs(side: str, workers: list[ProcessPoolExecutor], records, dev, k: 
     return {"pred": preds, "loglikelihoods": lls}, time.perf_counter() - t0
 
 
+# --- the float32 ceiling: the least work any evaluator must do, at this machine's best rate for it -------------
+def linear_weights(model) -> list:
+    """The weight matrices of the model's layers (not the token embedding and the tied vocabulary projection)."""
+    emb = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return [p.detach() for p in model.parameters() if id(p) not in emb and p.dim() == 2]
+
+
+def forward_flops(scorer, records, dev: dict) -> dict:
+    """FLOPs of the forward passes that no evaluator of this model can skip: every question's prompt tokens once
+    through the layers, except the prefix all questions of a subject share (its header and k-shot examples, run
+    once per subject), plus the vocabulary projection at the one position the letters are read from. Linear
+    layers 2 x parameters per token, attention 4 x width per (token, earlier position) per layer."""
+    cfg = scorer.model.config
+    linear = sum(w.numel() for w in linear_weights(scorer.model))
+    width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    by_subject: dict[str, list[list[int]]] = {}
+    for q in records:
+        prompt = scorer.cost(q, "letter", fewshot=dev.get(q.subject, ()), header=True).prompt
+        by_subject.setdefault(q.subject, []).append(scorer.encode_pair(prompt, " A")[0][-scorer.max_length:])
+
+    def run(start: int, end: int) -> float:  # positions start..end-1, each attending to every earlier position
+        attention = cfg.num_hidden_layers * 4 * width * (end * (end - 1) - start * (start - 1)) / 2
+        return (end - start) * 2 * linear + attention
+
+    flops, tokens = 0.0, 0
+    for seqs in by_subject.values():
+        shared = min(len(s) for s in seqs) - 1
+        for s in seqs[1:]:
+            shared = min(shared, next((i for i, (a, b) in enumerate(zip(seqs[0], s)) if a != b), shared))
+        flops += run(0, shared) + sum(run(shared, len(s)) for s in seqs)
+        tokens += shared + sum(len(s) - shared for s in seqs)
+    flops += len(records) * 2 * cfg.vocab_size * cfg.hidden_size
+    return {"flops": flops, "tokens": tokens, "linear_params": linear}
+
+
+def linear_peak(model, rows: int, passes: int = 3) -> float:
+    """Best float32 FLOP/s of the model's own linear layers here (this process's threads): each weight matrix once
+    per pass on `rows` random activation rows, as one forward pass of a batch reads them, and nothing else."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = [w.float() for w in linear_weights(model)]
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    flops = 2 * rows * sum(w.numel() for w in weights)
+    times = []
+    with torch.inference_mode():
+        for _ in range(passes + 1):
+            t0 = time.perf_counter()
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+            times.append(time.perf_counter() - t0)
+    return flops / min(times[1:])  # the first pass warms up
+
+
 # --- the run ----------------------------------------------------------------------------------------------------
 def compare(ours: dict, theirs: dict) -> dict:
     """Share of the same predicted letters, and the largest log-likelihood difference of any option."""
@@ -182,9 +239,12 @@ def main(argv=None) -> int:
                                    "bfloat16" if side.endswith("bf16") else "float32") if args.procs > 1 else None
                for side in sides}
 
-    rows = []
+    rows, work = [], {}
     for k in [int(x) for x in args.shots.split(",")]:
         dev = mmlu_dev(Path(args.data), k)
+        work[k] = forward_flops(scorer, records, dev)
+        # a batch of prompts as ours runs them (k-shot: after the cached prefix), outside every timed window
+        work[k]["peak"] = linear_peak(scorer.model, args.batch_size * max(1, work[k]["tokens"] // len(records)))
 
         def lmeval_in_process(model) -> tuple[dict, float]:
             """lm-eval on all records in this process: its result and the CPU seconds of the call."""
@@ -244,6 +304,19 @@ def main(argv=None) -> int:
                         f"{best['ll_diff']:.1e})" + ("" if goal is None else
                                                      f"; the {goal:.0f}x goal is " + ("met" if best['speedup'] >= goal
                                                                                      else "not met")))
+        w = work[k]
+        peak = w["peak"]
+        floor_s = w["flops"] / peak
+        rows_per_batch = f"{args.batch_size} x {w['tokens'] // len(records)}"
+        findings.append(f"{k}-shot, float32 ceiling: the forward passes no evaluator can skip are "
+                        f"{w['flops'] / 1e12:.2f} TFLOP ({w['tokens']:,} prompt tokens, each subject's shared prefix "
+                        f"once, through {w['linear_params'] / 1e6:.0f}M linear parameters); at the best float32 rate of "
+                        f"the model's own linear layers here, {peak / 1e9:.0f} GFLOP/s with {threads} threads (a batch "
+                        f"of {rows_per_batch} rows, measured in this run), that is at least {floor_s:.1f} s, so no "
+                        f"float32 evaluator can be more than {theirs_best['s'] / floor_s:.2f}x lm-eval's fastest row "
+                        f"here; ours at its fastest runs at {w['flops'] / (best['s'] * peak):.0%} of that rate"
+                        + ("" if goal is None else f" (the {goal:.0f}x goal is "
+                           + ("within" if theirs_best['s'] / floor_s >= goal else "beyond") + " the float32 ceiling)"))
         if bf16:
             b = max(bf16, key=lambda r: r["speedup"])
             tb = theirs_bf16[0] if theirs_bf16 else None
