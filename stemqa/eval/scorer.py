@@ -317,8 +317,10 @@ def predict(qid: str, subject: str, gold: str, lls: Sequence[float], scores: Seq
             params: ModeParams) -> Prediction:
     """The prediction from a mode's option scores: the top score's letter, softmax(scores / T), the unsure flag."""
     best = max(range(len(scores)), key=scores.__getitem__)
-    probs = softmax(scores, params.temperature)
-    return Prediction(qid, subject, gold, LETTERS[best], [round(x, 6) for x in lls], [round(p, 6) for p in probs],
+    probs = [round(p, 6) for p in softmax(scores, params.temperature)]
+    # the flag compares the probability as shown with the threshold as stored (both to 6 places): the dev question
+    # the threshold was taken from stays "sure" when rounding lifted the threshold above its unrounded confidence
+    return Prediction(qid, subject, gold, LETTERS[best], [round(x, 6) for x in lls], probs,
                       mode=params.label(), scores=[round(x, 6) for x in scores],
                       unsure=None if params.unsure_below is None else max(probs) < params.unsure_below)
 
