@@ -6,6 +6,7 @@
     python benchmarks/bench_quality.py table                                     # dev table of every run so far
     python benchmarks/bench_quality.py report --candidates base,qa_arc,dpo1      # select on dev, report sets,
                                                                                  # BENCHMARKS.md "Quality"
+    python benchmarks/bench_quality.py rag   --candidates base,qa_all            # dev without / with passages
 
 Training runs go through the pipeline's own entry points (`stemqa sft` / `stemqa dpo`: Ray Train + DeepSpeed,
 the `study` preset plus --set overrides), so a recipe found here is what the pipeline runs. Evaluation is the one
@@ -580,6 +581,84 @@ def replace_section(body: str) -> None:
     replace(SECTION, body, BENCH_MD)
 
 
+# --- retrieval as a lever ---------------------------------------------------------------------------------------
+RAG_SECTION = "## Quality: retrieval in the scored prompt"
+# The whole shared textbook corpus plus QASC's facts (QASC is a training-side set; ARC's `para` fields are not
+# used: they belong to particular questions, some of them dev questions).
+RAG_CORPUS = ("[{kind: openstax, path: corpus/openstax_university_physics.jsonl}, "
+              "{kind: openstax, path: corpus/openstax_chemistry.jsonl}, "
+              "{kind: qasc_facts, path: mcq/qasc/dev.jsonl}]")
+
+
+def rag_index() -> tuple[Path, dict]:
+    """The index the retrieval runs use, built once with `stemqa rag build` (Ray Data embedding, FAISS)."""
+    d = OUT / "rag_index"
+    if not (d / "manifest.json").exists():
+        log(f"building the RAG index in {d}")
+        _, wall = stemqa(["rag", "build", "--config", "study", "--out", str(d), "--set", "rag.enabled=true",
+                          "--set", f"rag.corpus={RAG_CORPUS}"])
+        record({"kind": "rag_index", "corpus": RAG_CORPUS, "wall_s": round(wall)})
+    return d, json.loads((d / "manifest.json").read_text())
+
+
+def cmd_rag(a) -> None:
+    """Each model's dev questions scored in `--mode` without and with the top-k retrieved passages before the
+    question (the evaluator's and the Serve app's own passage cut), in the same run: the paired difference is
+    what retrieval adds. No fitting: a temperature changes no prediction."""
+    import torch
+
+    from stemqa.data.splits import DEV_SETS
+    from stemqa.eval.run import load_scorer, retrieve_passages
+    from stemqa.eval.stats import accuracy_of, paired_bootstrap
+    from stemqa.rag import Retriever
+
+    torch.set_num_threads(a.threads)
+    l0, t0 = load(), time.perf_counter()
+    index, manifest = rag_index()
+    retriever = Retriever.load(index)
+    budget = study_config().rag.token_budget
+    sets = held_out("dev", a.dev_limit)
+    rows, sentences = [], []
+    for tag in a.candidates.split(","):
+        scorer = load_scorer(model_path(tag), batch_size=16)
+        plain_all, rag_all = [], []
+        for name in DEV_SETS:
+            qs = sets[name]
+            passages = retrieve_passages(retriever, qs, a.k, budget, scorer.tok)
+            plain = [p.pred == p.gold for p in scorer.score(qs, a.mode)]
+            with_rag = [p.pred == p.gold for p in scorer.score(qs, a.mode, passages=passages)]
+            rows.append((tag, name, accuracy_of(plain), accuracy_of(with_rag), paired_bootstrap(with_rag, plain)))
+            plain_all += plain
+            rag_all += with_rag
+            log(f"{tag} {name}: {rows[-1][2].value:.3f} -> {rows[-1][3].value:.3f}")
+        d = paired_bootstrap(rag_all, plain_all)
+        rows.append((tag, "pooled", accuracy_of(plain_all), accuracy_of(rag_all), d))
+        record({"tag": tag, "kind": "rag", "mode": a.mode, "k": a.k, "dev": dev_key(a.dev_limit),
+                "plain": accuracy_of(plain_all).value, "with_rag": accuracy_of(rag_all).value,
+                "diff": [d.delta, d.low, d.high]})
+        verdict = ("lifts" if d.low > 0 else "lowers" if d.high < 0 else "does not move (beyond noise)")
+        sentences.append(f"{tag}/{a.mode}: retrieval {verdict} pooled dev accuracy: {accuracy_of(plain_all).fmt()} "
+                         f"without passages, {accuracy_of(rag_all).fmt()} with them, paired {d.fmt()}.")
+    wall = time.perf_counter() - t0
+    lines = [RAG_SECTION, "",
+             f"Command: `python benchmarks/bench_quality.py rag --candidates {a.candidates} --mode {a.mode} --k {a.k}"
+             + (f" --dev-limit {a.dev_limit}" if a.dev_limit else "") + f" --threads {a.threads}` ({date.today()}, "
+             f"{platform.machine()}, {os.cpu_count()} CPUs, load average {l0} at start, {load()} at end, "
+             f"{wall / 60:.0f} min).", "",
+             f"The same dev questions scored twice per model in {a.mode}: as they are, and with the top {a.k} "
+             f"passages of a FAISS index of {manifest['counts']['chunks']:,} chunks (OpenStax "
+             f"University Physics and Chemistry, every paragraph, plus QASC's facts; embedder "
+             f"{manifest['embedder']}) put before the question, cut to {budget} model tokens. Accuracies "
+             "[Wilson 95% CI]; the difference is with minus without, paired bootstrap 95% CI on the same questions.",
+             "", "| model | set | n | without passages | with passages | difference |", "|---|---|---|---|---|---|"]
+    lines += [f"| {t} | {n} | {p.n} | {p.fmt()} | {r.fmt()} | {d.fmt()} |" for t, n, p, r, d in rows]
+    lines += ["", "Findings (computed from the figures above):", ""] + [f"- {s}" for s in sentences]
+    from mdsection import replace_section as replace
+
+    replace(RAG_SECTION, "\n".join(lines) + "\n", BENCH_MD)
+    log(f"wrote {BENCH_MD} section {RAG_SECTION!r}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -619,8 +698,14 @@ def main(argv=None) -> int:
     r.add_argument("--candidates", required=True, help="comma list of tags (base first) evaluated on the full dev")
     r.add_argument("--report-limit", type=int, default=None, help="a hashed subset of each report set")
     r.add_argument("--threads", type=int, default=1)
+    g = sub.add_parser("rag", help="retrieval as a lever: dev in one mode without and with passages, paired")
+    g.add_argument("--candidates", default="base", help="comma list of tags")
+    g.add_argument("--mode", default="cloze_question")
+    g.add_argument("--k", type=int, default=3, help="passages per question")
+    g.add_argument("--dev-limit", type=int, default=None, help="a hashed subset of each dev set")
+    g.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
-    {"eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo, "table": cmd_table, "report": cmd_report}[a.cmd](a)
+    {"rag": cmd_rag, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo, "table": cmd_table, "report": cmd_report}[a.cmd](a)
     return 0
 
 
