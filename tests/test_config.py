@@ -69,3 +69,14 @@ def test_cli_reports_config_errors_in_one_line():
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "sft.lr:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_qwen3_preset_runs_the_study_recipe():
+    """Issue 23: the GPU preset trains and chooses as `study` does (its own model, hyperparameters and resources),
+    and reports only on questions it never trained on or chose with."""
+    q, s = load_config("qwen3-0.6b"), load_config("study")
+    assert q.data.train == s.data.train and q.data.preference == s.data.preference
+    assert q.sft.data == s.sft.data == "qa"
+    assert q.select.modes == s.select.modes and q.select.dev_limit is s.select.dev_limit is None
+    assert [e.name for e in q.eval.sets] == [e.name for e in s.eval.sets]
+    assert {src.split for e in q.eval.sets for src in e.sources} == {"report"}
