@@ -575,10 +575,10 @@ def mode_name(key) -> str:
     return f"{key[0]}/{key[1]}"
 
 
-def replace_section(body: str) -> None:
+def replace_section(body: str, section: str = SECTION) -> None:
     from mdsection import replace_section as replace
 
-    replace(SECTION, body, BENCH_MD)
+    replace(section, body, BENCH_MD)
 
 
 # --- retrieval as a lever ---------------------------------------------------------------------------------------
@@ -631,14 +631,13 @@ def cmd_rag(a) -> None:
             plain_all += plain
             rag_all += with_rag
             log(f"{tag} {name}: {rows[-1][2].value:.3f} -> {rows[-1][3].value:.3f}")
-        d = paired_bootstrap(rag_all, plain_all)
-        rows.append((tag, "pooled", accuracy_of(plain_all), accuracy_of(rag_all), d))
+        before, after, d = accuracy_of(plain_all), accuracy_of(rag_all), paired_bootstrap(rag_all, plain_all)
+        rows.append((tag, "pooled", before, after, d))
         record({"tag": tag, "kind": "rag", "mode": a.mode, "k": a.k, "dev": dev_key(a.dev_limit),
-                "plain": accuracy_of(plain_all).value, "with_rag": accuracy_of(rag_all).value,
-                "diff": [d.delta, d.low, d.high]})
+                "plain": before.value, "with_rag": after.value, "diff": [d.delta, d.low, d.high]})
         verdict = ("lifts" if d.low > 0 else "lowers" if d.high < 0 else "does not move (beyond noise)")
-        sentences.append(f"{tag}/{a.mode}: retrieval {verdict} pooled dev accuracy: {accuracy_of(plain_all).fmt()} "
-                         f"without passages, {accuracy_of(rag_all).fmt()} with them, paired {d.fmt()}.")
+        sentences.append(f"{tag}/{a.mode}: retrieval {verdict} pooled dev accuracy: {before.fmt()} without "
+                         f"passages, {after.fmt()} with them, paired {d.fmt()}.")
     wall = time.perf_counter() - t0
     lines = [RAG_SECTION, "",
              f"Command: `python benchmarks/bench_quality.py rag --candidates {a.candidates} --mode {a.mode} --k {a.k}"
@@ -653,9 +652,7 @@ def cmd_rag(a) -> None:
              "", "| model | set | n | without passages | with passages | difference |", "|---|---|---|---|---|---|"]
     lines += [f"| {t} | {n} | {p.n} | {p.fmt()} | {r.fmt()} | {d.fmt()} |" for t, n, p, r, d in rows]
     lines += ["", "Findings (computed from the figures above):", ""] + [f"- {s}" for s in sentences]
-    from mdsection import replace_section as replace
-
-    replace(RAG_SECTION, "\n".join(lines) + "\n", BENCH_MD)
+    replace_section("\n".join(lines) + "\n", RAG_SECTION)
     log(f"wrote {BENCH_MD} section {RAG_SECTION!r}")
 
 

@@ -72,8 +72,8 @@ def test_cli_reports_config_errors_in_one_line():
 
 
 def test_qwen3_preset_runs_the_study_recipe():
-    """Issue 23: the GPU preset trains and chooses as `study` does (its own model, hyperparameters and resources),
-    and reports only on questions it never trained on or chose with."""
+    """Issue 23: the GPU preset trains and chooses as `study` does (its own model, hyperparameters and resources).
+    That its eval sets are exactly the fixed report sets is test_splits.py::test_preset_eval_sets_are_the_fixed_sets."""
     q, s = load_config("qwen3-0.6b"), load_config("study")
     assert q.data.train == s.data.train and q.data.preference == s.data.preference
     assert q.sft.data == s.sft.data == "qa"

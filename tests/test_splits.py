@@ -67,8 +67,9 @@ def test_training_side_is_decontaminated_across_files(shared_data):
     assert {key(q) for q in raw} & held
 
 
-def test_study_preset_eval_sets_are_the_fixed_sets(shared_data):
-    cfg = load_config("study")
+@pytest.mark.parametrize("preset", ["study", "qwen3-0.6b"])
+def test_preset_eval_sets_are_the_fixed_sets(shared_data, preset):
+    cfg = load_config(preset)
     checked = 0
     for s in cfg.eval.sets:
         if s.name not in present(shared_data):
