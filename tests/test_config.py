@@ -1,6 +1,7 @@
 """The config tree: presets load, every field is documented, bad names and values fail with their YAML path."""
 import subprocess
 import sys
+from functools import reduce
 
 import pytest
 
@@ -44,6 +45,20 @@ def test_bad_values_name_the_field(override, path):
     assert f"  {path}:" in str(e.value)
 
 
+def test_stem_names_the_fixed_mmlu_stem_subjects(tmp_path):
+    """`subjects: stem` is the splits' subject list; anything else that is not a list is an error naming the field."""
+    from stemqa.data.splits import MMLU_STEM_SUBJECTS
+
+    f = tmp_path / "c.yaml"
+    body = "base: demo\neval:\n  sets:\n    - name: m\n      sources:\n        - {path: mcq/mmlu/test, format: mmlu_csv, subjects: %s}\n"
+    f.write_text(body % "stem")
+    assert load_config(str(f)).eval.sets[0].sources[0].subjects == list(MMLU_STEM_SUBJECTS)
+    f.write_text(body % "stme")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f))
+    assert "eval.sets.0.sources.0.subjects" in str(e.value)
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("sft: [unclosed\n")
@@ -80,3 +95,16 @@ def test_qwen3_preset_runs_the_study_recipe():
     assert q.select.modes == s.select.modes and q.select.dev_limit is s.select.dev_limit is None
     assert [e.name for e in q.eval.sets] == [e.name for e in s.eval.sets]
     assert {src.split for e in q.eval.sets for src in e.sources} == {"report"}
+
+
+def test_qwen3_cpu_check_keeps_the_preset_recipe():
+    """tests/configs/qwen3-cpu.yaml (the preset's whole pipeline on CPU, README "GPU install") changes what the
+    hardware decides and the run's length, nothing the recipe is made of."""
+    q, c = load_config("qwen3-0.6b"), load_config("tests/configs/qwen3-cpu.yaml")
+    assert c.model.name == "tiny-qwen3" and not c.sft.resources.use_gpu and not c.dpo.resources.use_gpu
+    recipe = ["data", "filter.threshold", "filter.targets", "sft.data", "sft.lr", "sft.lora", "sft.batch_size",
+              "sft.grad_accum", "sft.resources.zero_stage", "dpo.loss", "dpo.beta", "dpo.lr", "dpo.resources.zero_stage",
+              "quant.method", "quant.bits", "quant.group_size", "rag.corpus", "rag.index", "rag.top_k",
+              "eval.scoring", "eval.num_fewshot", "eval.models", "eval.sets", "select.modes", "select.dev_sets"]
+    for path in recipe:
+        assert reduce(getattr, path.split("."), c) == reduce(getattr, path.split("."), q), path

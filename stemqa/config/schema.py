@@ -40,12 +40,22 @@ class McqSource(Section):
     name: Optional[str] = Field(None, description="Source label stored in each record; default: the file stem.")
     subject: Optional[str] = Field(None, description="Subject for every record; default: from the file name.")
     limit: Optional[int] = Field(None, ge=1, description="Keep at most this many records from the source.")
-    subjects: Optional[list[str]] = Field(None, description="For a directory of MMLU CSVs: only these subjects.")
+    subjects: Optional[list[str]] = Field(None, description="For a directory of MMLU CSVs: only these subjects; "
+                                          "'stem' = the STEM subjects of the fixed splits (stemqa/data/splits.py).")
     split: Optional[Literal["train", "dev", "report"]] = Field(
         None, description="Keep only the rows of this part of stemqa's fixed splits (stemqa/data/splits.py, a hash of "
         "the question text): train = drop every question of a dev or report set (decontamination across files); "
         "dev / report = keep only the source's questions of that part (e.g. the MMLU test CSVs with split: dev). "
         "Applied before `limit`.")
+
+    @field_validator("subjects", mode="before")
+    @classmethod
+    def _stem_subjects(cls, v):
+        if v == "stem":  # one list for the presets, the dev and the report sets, kept with the splits
+            from stemqa.data.splits import MMLU_STEM_SUBJECTS
+
+            return list(MMLU_STEM_SUBJECTS)
+        return v
 
 
 class DataConfig(Section):
