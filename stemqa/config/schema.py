@@ -215,11 +215,9 @@ def _fixed_dev_sets() -> list[EvalSet]:
     """stemqa's fixed dev split (stemqa/data/splits.py): questions for choices, never trained on or reported."""
     arc = lambda n, f: EvalSet(name=n, sources=[McqSource(path=f"mcq/arc/{f}", format="arc_jsonl", subject="science",  # noqa: E731
                                                           split="dev")])
-    from stemqa.data.splits import MMLU_STEM_SUBJECTS  # the split's definition lives with the data, not here
-
     return [arc("arc_easy_dev", "ARC-Easy-dev.jsonl"), arc("arc_challenge_dev", "ARC-Challenge-dev.jsonl"),
             EvalSet(name="mmlu_stem_dev", sources=[McqSource(path="mcq/mmlu/test", format="mmlu_csv", split="dev",
-                                                             subjects=list(MMLU_STEM_SUBJECTS))])]
+                                                             subjects="stem")])]
 
 
 class SelectConfig(Section):
